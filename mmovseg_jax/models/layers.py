@@ -1,0 +1,200 @@
+"""Transformer pieces shared by the DINO and CLIP encoders.
+
+Conventions: images are NHWC, token sequences are (batch, tokens, width). Parameters
+are always float32; `dtype` is the compute dtype of the matrix multiplies. LayerNorms
+and the residual stream stay in float32 so that bf16 compute loses little accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """Maps a config string ("float32" or "bfloat16") to a JAX dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation, x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch nn.GELU()
+    "quick_gelu": quick_gelu,
+}
+
+
+class LayerNorm(nnx.LayerNorm):
+    """LayerNorm with float32 parameters, computed in float32 whatever the input dtype."""
+
+    def __init__(self, width: int, eps: float, *, rngs: nnx.Rngs):
+        super().__init__(width, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.astype(jnp.float32))
+
+
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate query/key/value/out projections.
+
+    Separate projections (rather than one fused qkv matrix) let an optimiser select,
+    say, only the query and value weights for fine-tuning.
+    """
+
+    def __init__(self, width: int, num_heads: int, *, qkv_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.query = _linear(width, width, dtype, rngs, qkv_bias)
+        self.key = _linear(width, width, dtype, rngs, qkv_bias)
+        self.value = _linear(width, width, dtype, rngs, qkv_bias)
+        self.out = _linear(width, width, dtype, rngs)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        return x.reshape(b, t, self.num_heads, d // self.num_heads)
+
+    def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
+        """x: (B, T, D) -> (B, T, D)."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        return self.out(y.reshape(x.shape[0], x.shape[1], -1))
+
+
+class MLP(nnx.Module):
+    """Two-layer feed-forward network, width -> hidden -> width."""
+
+    def __init__(self, width: int, hidden: int, activation: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.fc1 = _linear(width, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden, width, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float, activation: str,
+                 qkv_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(width, eps, rngs=rngs)
+        self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(width, eps, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, activation, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
+        x = x + self.attn(self.norm1(x), causal=causal)
+        return x + self.mlp(self.norm2(x))
+
+    def dense_call(self, x: jax.Array) -> jax.Array:
+        """The MaskCLIP-style "dense" variant of the block used by CAT-Seg/MM-OVSeg.
+
+        Attention is replaced by each token's own value path through the output
+        projection; the residual is the CLS token of the input (token 0), broadcast
+        to every position. x: (B, T, D) -> (B, T, D).
+        """
+        y = self.attn.out(self.attn.value(self.norm1(x)))
+        y = y + x[:, :1]
+        return y + self.mlp(self.norm2(y))
+
+
+def bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None = None) -> np.ndarray:
+    """Interpolation matrix (out_size, in_size) of PyTorch's 1-D bicubic resampling.
+
+    Matches `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`:
+    cubic convolution with A = -0.75, border samples clamped. With `scale_factor`
+    the source coordinate uses 1/scale_factor as PyTorch does when a scale factor
+    (not a size) is passed; otherwise in_size/out_size.
+    """
+    a = -0.75
+    step = 1.0 / scale_factor if scale_factor else in_size / out_size
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        src = step * (i + 0.5) - 0.5
+        base = int(np.floor(src))
+        t = src - base
+        weights = (
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        )
+        for k, w in enumerate(weights):
+            matrix[i, min(max(base - 1 + k, 0), in_size - 1)] += w
+    return matrix.astype(np.float32)
+
+
+POS_INTERPOLATIONS = ("size", "dino")
+
+
+def resize_position_table(table: jax.Array, grid: tuple[int, int], mode: str = "size") -> jax.Array:
+    """Bicubically resizes a (1 + n*n, D) position table (CLS row first) to `grid`.
+
+    Returns (1 + gh*gw, D); the CLS row is kept apart and unchanged. `mode="size"`
+    samples as transformers' `interpolate_pos_encoding` (target size given);
+    `mode="dino"` as the original DINO code (scale factor (g + 0.1) / n).
+    """
+    n = int(round((table.shape[0] - 1) ** 0.5))
+    if n * n != table.shape[0] - 1:
+        raise ValueError(f"position table of {table.shape[0] - 1} patch rows is not a square grid")
+    gh, gw = grid
+    if (gh, gw) == (n, n):
+        return table
+    if mode == "size":
+        mh, mw = bicubic_matrix(n, gh), bicubic_matrix(n, gw)
+    elif mode == "dino":
+        mh, mw = bicubic_matrix(n, gh, (gh + 0.1) / n), bicubic_matrix(n, gw, (gw + 0.1) / n)
+    else:
+        raise ValueError(f"position interpolation must be one of {POS_INTERPOLATIONS}, got {mode!r}")
+    patches = table[1:].reshape(n, n, -1).astype(jnp.float32)
+    resized = jnp.einsum("ah,hwd,bw->abd", mh, patches, mw, precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([table[:1], resized.reshape(gh * gw, -1).astype(table.dtype)], axis=0)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patch projection: (B, H, W, C) -> (B, H/p * W/p, D), grid (H/p, W/p)."""
+
+    def __init__(self, patch_size: int, width: int, *, bias: bool, channels: int = 3, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(channels, width, kernel_size=(patch_size, patch_size),
+                             strides=(patch_size, patch_size), padding="VALID", use_bias=bias,
+                             dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+        b, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+        x = self.proj(images)
+        return x.reshape(b, (h // p) * (w // p), -1), (h // p, w // p)
+
+
+def normalize_block_indices(indices, depth: int) -> tuple[int, ...]:
+    """Resolves block indices (0-based; negative counts from the end) against `depth`."""
+    resolved = []
+    for i in indices:
+        j = i + depth if i < 0 else i
+        if not 0 <= j < depth:
+            raise ValueError(f"block index {i} is out of range for a {depth}-block encoder")
+        resolved.append(j)
+    return tuple(resolved)

@@ -1,0 +1,138 @@
+"""On-disk form of a converted encoder: a folder holding
+
+    model.json   {"family": "dino" | "clip", "config": {...}, "source": {...}}
+    params/      Orbax checkpoint of the parameters (nested dict, float32)
+    extras.npz   tensors of the source checkpoint that are not part of the
+                 architecture (a pooler, a DINO projection head, position-id
+                 buffers), kept so that converting back loses nothing
+    vocab.json, merges.txt, ...   CLIP tokenizer files (CLIP only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mmovseg_jax.models import clip, dino, params
+
+FORMAT_VERSION = 1
+
+
+def _families() -> dict[str, tuple[type, Any]]:
+    return {"dino": (dino.Model, lambda d: dino.Config(**d)),
+            "clip": (clip.Model, clip.Config.from_dict)}
+
+
+def config_from_dict(family: str, config: Mapping) -> Any:
+    """Rebuilds the dataclass config of `family` from its JSON dict."""
+    if family not in _families():
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(_families())}")
+    return _families()[family][1](dict(config))
+
+
+def build_abstract(family: str, config: Any) -> nnx.Module:
+    """The model of `family` with shape-only parameters (nothing allocated)."""
+    cls = _families()[family][0]
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+
+
+def _nest(flat: Mapping[str, np.ndarray]) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = np.asarray(value)
+    return nested
+
+
+def _flatten(nested: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def save(folder: str | os.PathLike, family: str, config: Any, flat_params: Mapping[str, np.ndarray],
+         source: Mapping | None = None, extras: Mapping[str, np.ndarray] | None = None,
+         files: Sequence[str | os.PathLike] = ()) -> Path:
+    """Writes a converted-model folder; `files` (e.g. tokenizer files) are copied into it.
+
+    The parameters are checked against the architecture first, and the folder is written
+    beside the target then renamed into place, so an error leaves nothing behind."""
+    folder = Path(folder).absolute()
+    abstract = build_abstract(family, config)
+    params.check_params(params.param_shapes_of(abstract), flat_params, f"parameters for {family}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / "params", _nest(flat_params))
+        checkpointer.wait_until_finished()
+        if extras:
+            np.savez(staging / "extras.npz", **{k: np.asarray(v) for k, v in extras.items()})
+        meta = {"format_version": FORMAT_VERSION, "family": family,
+                "config": dataclasses.asdict(config), "source": dict(source or {})}
+        for f in files:
+            shutil.copyfile(f, staging / Path(f).name)
+        (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+@dataclasses.dataclass
+class Stored:
+    family: str
+    config: Any
+    params: dict[str, np.ndarray]
+    source: dict
+    extras: dict[str, np.ndarray]
+
+
+def read(folder: str | os.PathLike) -> Stored:
+    """Reads a converted-model folder into host arrays."""
+    folder = Path(folder).absolute()
+    meta_path = folder / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: not found; is {folder} a folder written by convert.to_flax?")
+    meta = json.loads(meta_path.read_text())
+    for key in ("family", "config"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing key {key!r}")
+    config = config_from_dict(meta["family"], meta["config"])
+    restored = ocp.StandardCheckpointer().restore(folder / "params")
+    extras = {}
+    if (folder / "extras.npz").is_file():
+        with np.load(folder / "extras.npz") as z:
+            extras = {k: z[k] for k in z.files}
+    return Stored(meta["family"], config, _flatten(restored), meta.get("source", {}), extras)
+
+
+def load_model(folder: str | os.PathLike, expect_family: str | None = None, dtype: str | None = None) -> nnx.Module:
+    """Builds the model stored in `folder` with its parameters; `dtype` overrides the compute dtype."""
+    stored = read(folder)
+    if expect_family and stored.family != expect_family:
+        raise ValueError(f"{folder} holds a {stored.family} model, not {expect_family}")
+    config = stored.config if dtype is None else dataclasses.replace(stored.config, dtype=dtype)
+    model = build_abstract(stored.family, config)
+    params.set_params(model, stored.params, f"{folder}/params")
+    return model
