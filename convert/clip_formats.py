@@ -143,18 +143,19 @@ class OpenAiClipFormat:
     @staticmethod
     def infer_config(state: Mapping[str, np.ndarray], hf_config: dict | None, num_heads: int | None,
                      pos_interpolation: str | None) -> clip.Config:
+        # OpenAI's rule, as in its build_model: one head per 64 channels in both towers.
         conv = state["visual.conv1.weight"]
         width, patch = conv.shape[0], conv.shape[-1]
         grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
         text_width = state["ln_final.weight"].shape[0]
         vision = clip.VisionConfig(
             patch_size=patch, width=width, depth=R.numbered(state, "visual.transformer.resblocks.{i}."),
-            num_heads=width // 64, mlp_dim=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            num_heads=max(1, width // 64), mlp_dim=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             image_size=grid * patch)
         text = clip.TextConfig(
             vocab_size=state["token_embedding.weight"].shape[0],
             context_length=state["positional_embedding"].shape[0], width=text_width,
-            depth=R.numbered(state, "transformer.resblocks.{i}."), num_heads=text_width // 64,
+            depth=R.numbered(state, "transformer.resblocks.{i}."), num_heads=max(1, text_width // 64),
             mlp_dim=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             eos_token_id=state["token_embedding.weight"].shape[0] - 1, pooling="argmax")
         return clip.Config(vision=vision, text=text, embed_dim=state["text_projection"].shape[1])

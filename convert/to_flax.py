@@ -44,7 +44,8 @@ def convert_to_flax(src: str | os.PathLike, out: str | os.PathLike, *, checkpoin
                     trust_pickle: bool = False) -> Path:
     """Converts `src` into the Flax folder `out` and returns its path.
 
-    num_heads: attention heads when the source has no config (default width // 64).
+    num_heads: attention heads of a DINO/ViT source without config.json (default width // 64;
+    OpenAI CLIP files always follow OpenAI's width // 64 rule).
     pos_interpolation: "size" or "dino" for DINO models (default: as the source's code base).
     tokenizer_folder: CLIP tokenizer files to store (default: the source folder's, else
     OpenAI's BPE vocabulary shipped with mmovseg-jax).
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--checkpoint-key", help="entry of a wrapped checkpoint to take (e.g. teacher, student)")
     parser.add_argument("--prefix", help="take only the keys under this prefix (e.g. dino_model.)")
-    parser.add_argument("--num-heads", type=int, help="attention heads when the source has no config")
+    parser.add_argument("--num-heads", type=int, help="attention heads of a DINO source without config.json (default width // 64)")
     parser.add_argument("--pos-interpolation", choices=("size", "dino"),
                         help="DINO position-table resizing rule (default: the source code base's)")
     parser.add_argument("--tokenizer", help="folder of CLIP tokenizer files to store with the model")

@@ -164,7 +164,9 @@ def read_source(path: str | os.PathLike, checkpoint_key: str | None = None, pref
 
 def _to_tensor(value: np.ndarray, dtype: str | None):
     torch = _torch()
-    t = torch.from_numpy(np.ascontiguousarray(value))
+    value = np.asarray(value)
+    # np.ascontiguousarray turns 0-d arrays (e.g. logit_scale) into shape (1,); keep the shape.
+    t = torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
     return t.to(getattr(torch, dtype)) if dtype else t
 
 
