@@ -4,6 +4,8 @@ NCHW -> NHWC, and a recorder that prints every measured max-abs difference."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,11 @@ import pytest
 import torch
 
 # Largest absolute difference accepted between our fp32 outputs and PyTorch's.
+# The project's read-only shared folder (../shared beside the checkout, as in CI);
+# MMOVSEG_SHARED points elsewhere, e.g. on a machine that got a copy of it.
+SHARED = Path(os.environ.get("MMOVSEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+RELEASE_FIXTURE = SHARED / "fixtures" / "official_release_b16"
+
 TOL = 1e-4
 
 torch.manual_seed(0)

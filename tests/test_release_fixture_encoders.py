@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_close, record
+from conftest import RELEASE_FIXTURE, check_close, record
 from convert.to_flax import convert_to_flax
 from mmovseg_jax.models import clip, dino
 from mmovseg_jax.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_release_b16"
+FIXTURE = RELEASE_FIXTURE
 DINO_BLOCKS = (3, 7, 11)  # the release's blocks 4, 8, 12
 CLIP_PREFIX = "sem_seg_head.predictor.clip_model."
 STAT_TOL = 1e-5  # on the mean and std of a whole (2305, 768) block output (std about 1)

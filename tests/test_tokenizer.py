@@ -16,7 +16,9 @@ from convert.to_torch import convert_to_torch
 from mmovseg_jax.models import clip, storage, tokenizer
 from mmovseg_jax.models import params as P
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_release_b16"
+from conftest import RELEASE_FIXTURE
+
+FIXTURE = RELEASE_FIXTURE
 SOT, EOT = 49406, 49407
 
 
