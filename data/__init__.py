@@ -1,0 +1,1 @@
+"""Dataset preparation scripts (packing the original layouts into ArrayRecord); see README.md."""
