@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmovseg_jax.data.preprocess import normalize
 from mmovseg_jax.models import clip, dino, storage, tokenizer
 
 
@@ -58,11 +59,6 @@ def read_image(path: str, size: int) -> np.ndarray:
             return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))[None]
     except (FileNotFoundError, OSError) as e:
         raise ValueError(f"config.image: cannot read {path!r} ({e})") from e
-
-
-def normalize(pixels: jax.Array) -> jax.Array:
-    """uint8-range RGB (..., 3) -> CLIP-normalised float32."""
-    return (pixels.astype(jnp.float32) - jnp.asarray(clip.PIXEL_MEAN)) / jnp.asarray(clip.PIXEL_STD)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

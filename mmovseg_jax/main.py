@@ -3,27 +3,54 @@
 Every config field can be overridden on the command line as `--config.field=value`.
 The config's `job` field selects what runs:
 
+    cmu            CMU stage: SAR ViT aligned to a frozen RGB DINO (configs/cmu.py)
     encoder_demo   DINO + CLIP encoders on a device mesh (configs/encoders.py)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-JOBS = ("encoder_demo",)
+JOBS = ("cmu", "encoder_demo")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally FILE.py:VARIANT.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mmovseg_jax", "Where outputs are written.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 in a multi-host run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank in a multi-host run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with JAX's cluster "
+                                 "auto-detection (TPU pod slices, SLURM).")
+
+
+def init_distributed() -> None:
+    """Joins a multi-host run: explicit --coordinator/--num_processes/--process_id, or JAX's
+    auto-detection on a TPU pod slice or under SLURM with several tasks."""
+    import jax
+
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator needs --num_processes and --process_id")
+        # Collectives between CPU processes (local testing); no effect on accelerator backends.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif _DISTRIBUTED.value or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
 
 
 def run_job(config, workdir: str) -> dict:
     """Runs the job the config names; returns its summary."""
     job = config.get("job")
+    if job == "cmu":
+        from mmovseg_jax.train import cmu
+
+        return cmu.run(config, workdir)
     if job == "encoder_demo":
         from mmovseg_jax import encoder_demo
 
@@ -35,7 +62,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config configs/encoders.py")
+        raise app.UsageError("--config is required, e.g. --config configs/cmu.py")
+    init_distributed()
     try:
         run_job(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as e:

@@ -17,7 +17,7 @@ Rendering model, per scene (all randomness from ``np.random.default_rng(seed)``)
 * **SAR.** Per-class backscatter in dB: water dark and smooth, city bright with
   strong point scatterers, bright double-bounce lines at sensor-facing building walls
   and radar shadows behind them, forest medium with volume texture, farmland
-  medium-low varying per field, bare soil low-medium, roads dark. Multiplicative
+  medium-low varying per field with its crop, bare soil low-medium, roads dark. Multiplicative
   ``SAR_LOOKS``-look speckle (Gamma(L, 1/L) intensity) is applied, and the dB image is
   mapped linearly from ``SAR_DB_RANGE`` to uint8 (``sar_uint8_to_intensity`` inverts it).
 """
@@ -44,6 +44,9 @@ _CROP_COLOURS = np.array([
     (120, 95, 70),    # ploughed brown
     (140, 160, 90),   # pale green
 ], np.float32)
+# Mean backscatter (dB) of each crop state above: the crop drives both looks (dense green
+# canopy scatters most, stubble least, ploughed soil is rough), so fields correspond.
+_CROP_DB = np.array([-12.5, -9.5, -14.5, -16.0, -11.0, -13.0], np.float32)
 _ROOF_COLOURS = np.array([
     (190, 190, 185),  # light grey
     (225, 225, 220),  # white
@@ -239,7 +242,7 @@ def _layout(rng: np.random.Generator, n: int) -> dict:
         label[_line_distance(rng, yy, xx, n) < width] = ROAD
 
     return dict(label=label, zoom=zoom, fid=fid, nfields=nfields, field_edge=field_edge, fu=fu, fv=fv,
-                lot=lot, nlots=nblocks * 4, building=building & (label == CITY))
+                crop=rng.integers(len(_CROP_COLOURS), size=nfields), lot=lot, nlots=nblocks * 4, building=building & (label == CITY))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -270,7 +273,7 @@ def _render_optical(rng: np.random.Generator, geo: dict, rows: np.ndarray) -> np
     fine = _noise(rng, n, (1.5 * zoom, 3 * zoom), decay=0.5)
     broad = _noise(rng, n, (16 * zoom, 40 * zoom), decay=1.0)
     nf = geo["nfields"]
-    crop = _CROP_COLOURS[rng.integers(len(_CROP_COLOURS), size=nf)] + rng.normal(0, 10, (nf, 3)).astype(np.float32)
+    crop = _CROP_COLOURS[geo["crop"]] + rng.normal(0, 10, (nf, 3)).astype(np.float32)
     row_amp = rng.uniform(0.02, 0.12, nf).astype(np.float32)
     roofs = _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS), size=geo["nlots"])]
     roofs = roofs * rng.uniform(0.85, 1.1, (geo["nlots"], 1)).astype(np.float32)
@@ -306,7 +309,7 @@ def _render_sar(rng: np.random.Generator, geo: dict, rows: np.ndarray) -> np.nda
     n = label.shape[0]
     texture = _noise(rng, n, (1.5 * zoom, 4 * zoom), decay=0.5)
     broad = _noise(rng, n, (20 * zoom, 50 * zoom), decay=1.0)
-    field_db = rng.uniform(-17, -10, geo["nfields"]).astype(np.float32)
+    field_db = _CROP_DB[geo["crop"]] + rng.normal(0, 0.8, geo["nfields"]).astype(np.float32)
     roof_db = rng.uniform(-6, 0, geo["nlots"]).astype(np.float32)
 
     db = np.empty((n, n), np.float32)
@@ -361,13 +364,16 @@ class SyntheticPairs:
     """Grain random-access source of `num_records` synthetic scenes.
 
     Record i is ``generate_scene(record_seed(seed, i), size)`` plus ``"index": np.int64(i)``;
-    sources with different `seed` share no scenes.
+    sources with different `seed` share no scenes. With `cache`, each scene is generated
+    once per process and kept in memory (about 4 * size**2 bytes each), so later epochs
+    cost nothing.
     """
 
-    def __init__(self, num_records: int, size: int = 96, seed: int = 0):
+    def __init__(self, num_records: int, size: int = 96, seed: int = 0, cache: bool = False):
         if num_records < 0 or seed < 0:
             raise ValueError(f"num_records and seed must be >= 0, got {num_records}, {seed}")
         self.num_records, self.size, self.seed = int(num_records), int(size), int(seed)
+        self.cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.num_records
@@ -376,8 +382,13 @@ class SyntheticPairs:
         index = int(index)
         if not 0 <= index < self.num_records:
             raise IndexError(f"record {index} out of range [0, {self.num_records})")
+        if self.cache is not None and index in self.cache:
+            return dict(self.cache[index])
         scene = generate_scene(record_seed(self.seed, index), self.size)
         scene["index"] = np.int64(index)
+        if self.cache is not None:
+            self.cache[index] = scene
+            return dict(scene)
         return scene
 
     def __repr__(self) -> str:

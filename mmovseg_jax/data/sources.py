@@ -1,0 +1,101 @@
+"""Data sources and iterators named by a training config (`config.data`, `config.eval`).
+
+Sources: the built-in synthetic world, a paired `rgb/` + `sar/` folder, SpaceNet 6,
+DFC2023 track 1, CMU-Data (SpaceNet 6 + DFC2023) and packed ArrayRecord files. The
+last `config.eval.num_pairs` records are held out for evaluation; training draws from
+the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ml_collections
+
+from mmovseg_jax.data import augment, pipeline
+
+SOURCES = ("synthetic", "folder", "spacenet6", "dfc2023", "cmu", "arrayrecord")
+
+
+class Subset:
+    """Records `indices` of `base`, as a random-access source."""
+
+    def __init__(self, base: Any, indices: Sequence[int]):
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[self.indices[i]]
+
+
+def _require(value: str, field: str) -> str:
+    if not value:
+        raise ValueError(f"config.data.{field} is empty: the {field.removesuffix('_root')} source needs a path")
+    return value
+
+
+def build(data: ml_collections.ConfigDict, seed: int) -> Any:
+    """The whole source named by config.data.source."""
+    from mmovseg_jax.data import layouts
+
+    kind = data.source
+    if kind == "synthetic":
+        from mmovseg_jax.data.synthetic import SyntheticPairs
+
+        return SyntheticPairs(data.num_records, data.tile_size, seed, cache=data.get("cache", False))
+    if kind == "folder":
+        return layouts.PairedFolder(_require(data.root, "root"))
+    if kind == "spacenet6":
+        return layouts.SpaceNet6(_require(data.spacenet6_root, "spacenet6_root"), sar_band=data.spacenet6_band)
+    if kind == "dfc2023":
+        return layouts.DFC2023(_require(data.dfc2023_root, "dfc2023_root"), split=data.dfc2023_split)
+    if kind == "cmu":
+        return layouts.ConcatSource(
+            layouts.SpaceNet6(_require(data.spacenet6_root, "spacenet6_root"), sar_band=data.spacenet6_band),
+            layouts.DFC2023(_require(data.dfc2023_root, "dfc2023_root"), split=data.dfc2023_split))
+    if kind == "arrayrecord":
+        from mmovseg_jax.data.arrayrecord import ArrayRecordPairs
+
+        return ArrayRecordPairs([p for p in _require(data.root, "root").split(",") if p])
+    raise ValueError(f"config.data.source: {kind!r} is not one of {SOURCES}")
+
+
+def train_and_eval(config: ml_collections.ConfigDict) -> tuple[Subset, Subset]:
+    """(training records, held-out evaluation records) of the configured source."""
+    source = build(config.data, config.seed)
+    held_out = config.eval.num_pairs
+    if held_out < 2 or held_out >= len(source):
+        raise ValueError(f"config.eval.num_pairs = {held_out} must be at least 2 and below the source's "
+                         f"{len(source)} records")
+    if held_out % config.eval.batch_size:
+        raise ValueError(f"config.eval.num_pairs = {held_out} is not a multiple of config.eval.batch_size = "
+                         f"{config.eval.batch_size}")
+    n = len(source)
+    return Subset(source, range(n - held_out)), Subset(source, range(n - held_out, n))
+
+
+def train_iterator(source: Any, config: ml_collections.ConfigDict):
+    """Endless, shuffled, augmented batches of config.global_batch_size pairs (this process's share)."""
+    a = config.data.augment
+    transform = augment.PairedAugment(config.data.crop_size, scale=tuple(a.scale),
+                                      max_rotation_deg=a.max_rotation_deg, flip=a.flip, translate=a.translate)
+    return pipeline.make_iterator(source, global_batch_size=config.global_batch_size, seed=config.seed,
+                                  train=True, augment=transform, worker_count=config.data.worker_count)
+
+
+def eval_iterator(source: Any, config: ml_collections.ConfigDict):
+    """One pass over `source` in order, centre-cropped, in batches of config.eval.batch_size."""
+    return pipeline.make_iterator(source, global_batch_size=config.eval.batch_size, seed=config.seed,
+                                  train=False, augment=augment.CenterCrop(config.data.crop_size),
+                                  worker_count=0, num_epochs=1)
+
+
+def iterator_state(iterator) -> dict:
+    """A JSON-serialisable snapshot of a training iterator's position."""
+    return {"grain": pipeline.iterator_state_to_json(iterator.get_state())}
+
+
+def restore_iterator(iterator, state: dict) -> None:
+    iterator.set_state(pipeline.iterator_state_from_json(state["grain"]))

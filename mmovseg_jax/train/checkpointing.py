@@ -1,0 +1,50 @@
+"""Orbax checkpoints of the training state and the input iterator's position.
+
+Each checkpoint (WORKDIR/checkpoints/<step>/) holds two items: `state` (parameters,
+optimiser state, step; saved asynchronously) and `data` (the Grain iterator state as
+JSON). Orbax writes a step under a temporary name and renames it when complete, so an
+interrupted save never shadows the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | Path, keep: int = 2, save_every: int = 0):
+        self.manager = ocp.CheckpointManager(
+            Path(workdir).absolute() / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                 save_interval_steps=max(save_every, 1)))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
+        """Starts an asynchronous save (if `step` is due, or `force`); returns whether it saved."""
+        args = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            args["data"] = ocp.args.JsonSave(data_state)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict | None]:
+        """Restores `step` into the structure, shapes and shardings of `like`."""
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        args = {"state": ocp.args.StandardRestore(abstract)}
+        has_data = (Path(self.manager.directory) / str(step) / "data").is_dir()
+        if has_data:
+            args["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return restored.state, (restored.data if has_data else None)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

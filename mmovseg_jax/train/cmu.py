@@ -1,0 +1,258 @@
+"""CMU stage: align a SAR ViT (student) with a frozen RGB DINO ViT (teacher).
+
+    python -m mmovseg_jax.main --config configs/cmu.py --workdir /tmp/cmu
+
+The teacher sees the optical tile, the student the co-registered SAR tile (one channel
+replicated to three, both CLIP-normalised as in MM-OVSeg); the student starts from the
+teacher's weights. Per chosen block, the two token sequences are embedded (CLS, mean of
+patches, or every patch) and pulled together by InfoNCE over the global batch (or MSE /
+L1); the block losses are averaged. One jitted step runs over a device mesh: the batch
+is split over the "data" axis, parameters are replicated, and InfoNCE gathers its
+negatives from every device. Cross-modal retrieval on held-out pairs (SAR -> RGB among
+N candidates) is measured before and after training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mmovseg_jax import losses
+from mmovseg_jax.data import sources
+from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
+from mmovseg_jax.models import dino, params, storage
+from mmovseg_jax.train import optim, sharding
+from mmovseg_jax.train.checkpointing import Checkpointer
+from mmovseg_jax.train.reporting import Reporter
+
+
+class Aligner(nnx.Module):
+    """What CMU trains: the SAR student ViT, optional per-block projection heads for each
+    side, and the InfoNCE temperature when it is learned."""
+
+    def __init__(self, encoder: dino.Config, levels: int, projection_dim: int = 0, temperature: float = 0.1,
+                 learn_temperature: bool = False, *, rngs: nnx.Rngs):
+        self.student = dino.Model(encoder, rngs=rngs)
+
+        def heads() -> nnx.List:
+            return nnx.List([nnx.Linear(encoder.width, projection_dim, rngs=rngs)
+                             for _ in range(levels if projection_dim else 0)])
+
+        self.student_heads = heads()
+        self.teacher_heads = heads()
+        self.fixed_temperature = float(temperature)
+        self.log_temperature = nnx.Param(jnp.log(jnp.float32(temperature))) if learn_temperature else None
+
+    def temperature(self) -> jax.Array | float:
+        if self.log_temperature is None:
+            return self.fixed_temperature
+        return jnp.exp(self.log_temperature[...])
+
+    def embed(self, tokens: jax.Array, level: int, side: str, mode: str) -> jax.Array:
+        """(B, 1+N, D) tokens -> (B, E) or, for mode "dense", (B, N, E) embeddings."""
+        x = losses.embed_tokens(tokens, mode)
+        heads = self.student_heads if side == "student" else self.teacher_heads
+        return heads[level](x) if len(heads) else x
+
+
+def alignment_loss(aligner: Aligner, student_tokens, teacher_tokens, loss: ml_collections.ConfigDict,
+                   mesh: Mesh) -> jax.Array:
+    """Mean over blocks of the configured loss between student and teacher embeddings."""
+    per_block = []
+    for level, (s_tok, t_tok) in enumerate(zip(student_tokens, teacher_tokens)):
+        s = aligner.embed(s_tok, level, "student", loss.embedding)
+        t = aligner.embed(t_tok, level, "teacher", loss.embedding)
+        if loss.kind in ("mse", "l1"):
+            per_block.append(losses.regression_loss(s, t, loss.kind))
+        elif loss.embedding == "dense":
+            per_block.append(losses.dense_info_nce(s, t, aligner.temperature(), symmetric=loss.symmetric))
+        else:
+            per_block.append(losses.sharded_info_nce(s, t, aligner.temperature(), mesh=mesh, axis=sharding.DATA,
+                                                     symmetric=loss.symmetric, chunk_size=loss.chunk_size or None))
+    return jnp.mean(jnp.stack(per_block))
+
+
+def prepare(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """uint8 batch -> (normalised RGB, normalised three-channel SAR), each (B, H, W, 3)."""
+    return normalize(batch["rgb"]), normalize(sar_as_rgb(batch["sar"]))
+
+
+def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, lr: optax.Schedule,
+                    config: ml_collections.ConfigDict, mesh: Mesh):
+    """A jitted step: (state, teacher_params, batch) -> (state, metrics). The teacher runs
+    without gradients; only the aligner's parameters have optimiser state."""
+    blocks = tuple(config.blocks)
+
+    def step(state, teacher_params, batch):
+        rgb, sar = prepare(batch)
+        teacher = nnx.merge(teacher_def, teacher_params)
+        teacher_tokens = jax.lax.stop_gradient(teacher(rgb, blocks))
+
+        def loss_fn(p):
+            aligner = nnx.merge(aligner_def, p)
+            return alignment_loss(aligner, aligner.student(sar, blocks), teacher_tokens, config.loss, mesh)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "lr": lr(state["step"]), "grad_norm": optax.global_norm(grads)}
+        if config.loss.learn_temperature:
+            metrics["temperature"] = nnx.merge(aligner_def, new_params).temperature()
+        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_embed_fn(aligner_def, teacher_def, config: ml_collections.ConfigDict):
+    """Jitted (aligner_params, teacher_params, batch) -> (SAR, RGB) unit embeddings (B, E) of
+    the last configured block, as used for retrieval. With dense embeddings each patch
+    embedding is normalised and the map flattened (over sqrt(N)), so the score of two
+    tiles is the mean cosine similarity of their patches location by location."""
+    block = (tuple(config.blocks)[-1],)
+    mode = config.loss.embedding
+    level = len(config.blocks) - 1
+
+    def unit(x):
+        x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return x.reshape(x.shape[0], -1) / jnp.sqrt(x.shape[1]) if x.ndim == 3 else x
+
+    def embed(aligner_params, teacher_params, batch):
+        rgb, sar = prepare(batch)
+        aligner = nnx.merge(aligner_def, aligner_params)
+        teacher = nnx.merge(teacher_def, teacher_params)
+        s = aligner.embed(aligner.student(sar, block)[0], level, "student", mode)
+        t = aligner.embed(teacher(rgb, block)[0], level, "teacher", mode)
+        return unit(s), unit(t)
+
+    return jax.jit(embed)
+
+
+def retrieval(embed_fn, aligner_params, teacher_params, eval_batches, mesh: Mesh) -> dict:
+    """SAR -> RGB retrieval among all held-out pairs: top-1/top-5 accuracy and chance levels."""
+    sar_emb, rgb_emb = [], []
+    for batch in eval_batches:
+        s, t = embed_fn(aligner_params, teacher_params, sharding.to_global(batch, mesh))
+        sar_emb.append(np.asarray(jax.device_get(s)))
+        rgb_emb.append(np.asarray(jax.device_get(t)))
+    sar_emb, rgb_emb = np.concatenate(sar_emb), np.concatenate(rgb_emb)
+    sim = sar_emb @ rgb_emb.T
+    rank = (sim > np.diag(sim)[:, None]).sum(axis=1)  # candidates scored above the true pair
+    n = len(sim)
+    return {"candidates": n, "top1": float((rank < 1).mean()), "top5": float((rank < 5).mean()),
+            "chance_top1": 1 / n, "chance_top5": min(5 / n, 1.0)}
+
+
+def build_teacher(config: ml_collections.ConfigDict) -> dino.Model:
+    """The frozen RGB teacher: a converted checkpoint, or random weights of config.model."""
+    if config.teacher_checkpoint:
+        return storage.load_model(config.teacher_checkpoint, expect_family="dino", dtype=config.model.dtype)
+    if config.teacher_required:
+        raise ValueError("config.teacher_checkpoint is empty: this setting starts from a pretrained DINO; convert "
+                         "one with `python -m convert.to_flax dino_vitbase16_pretrain.pth OUT` and pass "
+                         "--config.teacher_checkpoint=OUT (or --config.teacher_required=False for random weights)")
+    m = config.model
+    if m.variant:
+        base = dino.VARIANTS[m.variant]
+    else:
+        base = dino.Config(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+                           mlp_dim=4 * m.width)
+    cfg = dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype)
+    return dino.Model(cfg, rngs=nnx.Rngs(config.seed))
+
+
+def _eval_batches(source, config) -> list[dict]:
+    it = sources.eval_iterator(source, config)
+    return [{"rgb": b["rgb"], "sar": b["sar"]} for b in it]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the CMU stage in `workdir`; returns the final summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.data)
+    sharding.check_batch_size(config.global_batch_size, mesh)
+    if not config.blocks:
+        raise ValueError("config.blocks: give at least one block index")
+
+    train_source, eval_source = sources.train_and_eval(config)
+    teacher = build_teacher(config)
+    if jax.process_index() == 0:
+        print(f"CMU: teacher {teacher.config}; blocks {tuple(config.blocks)}; loss {config.loss.kind}/"
+              f"{config.loss.embedding}; mesh {dict(mesh.shape)} over {jax.device_count()} "
+              f"{jax.devices()[0].platform} devices; global batch {config.global_batch_size}", flush=True)
+    aligner = Aligner(teacher.config, len(config.blocks), config.loss.projection_dim, config.loss.temperature,
+                      config.loss.learn_temperature, rngs=nnx.Rngs(config.seed + 1))
+    # The student starts as the teacher (a copy: the step donates the student's buffers).
+    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
+    aligner_def, aligner_params = nnx.split(aligner)
+    teacher_def, teacher_params = nnx.split(teacher)
+
+    tx, lr = optim.make(config.optimizer, config.total_steps)
+    replicated = sharding.replicated(mesh)
+    state = jax.device_put({"params": aligner_params, "opt_state": tx.init(aligner_params),
+                            "step": jnp.zeros((), jnp.int32)}, replicated)
+    teacher_params = jax.device_put(teacher_params, replicated)
+
+    train_iter = sources.train_iterator(train_source, config)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, data_state = checkpointer.restore(start, state)
+        if data_state is not None:
+            sources.restore_iterator(train_iter, data_state)
+        print(f"resumed from {workdir / 'checkpoints' / str(start)}", flush=True)
+    reporter = Reporter(workdir, config.total_steps, start, tensorboard=config.tensorboard)
+    reporter.truncate_after(start)
+
+    embed_fn = make_embed_fn(aligner_def, teacher_def, config)
+    eval_batches = _eval_batches(eval_source, config)
+    init_path = workdir / "retrieval_init.json"
+    if init_path.exists():
+        before = json.loads(init_path.read_text())
+    else:
+        before = retrieval(embed_fn, state["params"], teacher_params, eval_batches, mesh)
+        if jax.process_index() == 0:
+            init_path.write_text(json.dumps(before, indent=2) + "\n")
+
+    train_step = make_train_step(aligner_def, teacher_def, tx, lr, config, mesh)
+    step = start
+    for step in range(start + 1, config.total_steps + 1):
+        batch = next(train_iter)
+        state, metrics = train_step(state, teacher_params, sharding.to_global(
+            {"rgb": batch["rgb"], "sar": batch["sar"]}, mesh))
+        if step == start + 1:
+            jax.block_until_ready(metrics)
+            reporter.restart_clock(step)  # throughput and ETA without compilation
+        if step % config.log_every == 0 or step == config.total_steps:
+            reporter.log(step, jax.device_get(metrics), config.global_batch_size)
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+            checkpointer.save(step, state, sources.iterator_state(train_iter), force=step == config.total_steps)
+    checkpointer.close()
+
+    after = retrieval(embed_fn, state["params"], teacher_params, eval_batches, mesh)
+    summary = {"steps": config.total_steps, "retrieval_init": before, "retrieval_final": after}
+    if jax.process_index() == 0:
+        (workdir / "retrieval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"SAR -> RGB retrieval among {after['candidates']} held-out pairs "
+              f"(chance: top-1 {after['chance_top1']:.3f}, top-5 {after['chance_top5']:.3f}):", flush=True)
+        for name, r in (("initialisation", before), ("trained", after)):
+            print(f"  {name:<15} top-1 {r['top1']:.3f}   top-5 {r['top5']:.3f}", flush=True)
+        trained = nnx.merge(aligner_def, jax.device_get(state["params"]))
+        export = storage.save(workdir / "sar_encoder", "dino", trained.student.config,
+                              params.flat_params(trained.student), source={"format": "dino", "style": {},
+                                                                           "trained_by": "mmovseg_jax CMU"})
+        print(f"SAR encoder: {export} (to PyTorch: python -m convert.to_torch {export} sar_dino.pth)", flush=True)
+        reporter.write({"step": config.total_steps, **{f"retrieval_{k}": v for k, v in after.items()
+                                                      if k.startswith("top")}})
+    reporter.close()
+    return summary

@@ -1,0 +1,80 @@
+"""Progress lines, `metrics.jsonl` and TensorBoard scalars (written by process 0 only)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import jax
+
+
+def _format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class Reporter:
+    """Logs training progress: one line per log step (step, loss, lr, throughput, ETA), one
+    JSON object per log step in WORKDIR/metrics.jsonl, and TensorBoard scalars in WORKDIR/tb."""
+
+    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0, tensorboard: bool = True):
+        self.total_steps = total_steps
+        self.main = jax.process_index() == 0
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.metrics_path = Path(workdir) / "metrics.jsonl"
+        self.writer = None
+        if self.main and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(workdir) / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops metrics.jsonl records past `step` (a resumed run logs them again, identically)."""
+        if not self.main or not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def restart_clock(self, step: int) -> None:
+        """Measure throughput and ETA from `step` on (e.g. after compilation)."""
+        self.start_step, self.start_time = step, time.perf_counter()
+
+    def log(self, step: int, metrics: Mapping[str, float], examples_per_step: int) -> dict:
+        elapsed = time.perf_counter() - self.start_time
+        done = max(step - self.start_step, 1)
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                  "examples_per_sec": examples_per_step * done / max(elapsed, 1e-9)}
+        if self.main:
+            eta = elapsed / done * (self.total_steps - step)
+            extras = " | ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                if k not in ("step", "loss", "lr", "examples_per_sec"))
+            print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record.get('lr', 0):.3g} | "
+                  f"{record['examples_per_sec']:.1f} pairs/s | ETA {_format_eta(eta)}"
+                  + (f" | {extras}" if extras else ""), flush=True)
+            self.write(record)
+        return record
+
+    def write(self, record: Mapping) -> None:
+        """Appends a record to metrics.jsonl and its numbers to TensorBoard."""
+        if not self.main:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def info(self, message: str) -> None:
+        if self.main:
+            print(message, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
