@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -80,7 +81,11 @@ def save(folder: str | os.PathLike, family: str, config: Any, flat_params: Mappi
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        # Host arrays written by this process alone (in a multi-host run, by the one that
+        # calls save), without the cross-process barriers of a sharded checkpoint.
+        this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                          active_processes={jax.process_index()})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
         checkpointer.save(staging / "params", _nest(flat_params))
         checkpointer.wait_until_finished()
         if extras:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmovseg_jax import losses
@@ -142,8 +143,8 @@ def retrieval(embed_fn, aligner_params, teacher_params, eval_batches, mesh: Mesh
     sar_emb, rgb_emb = [], []
     for batch in eval_batches:
         s, t = embed_fn(aligner_params, teacher_params, sharding.to_global(batch, mesh))
-        sar_emb.append(np.asarray(jax.device_get(s)))
-        rgb_emb.append(np.asarray(jax.device_get(t)))
+        sar_emb.append(np.asarray(multihost_utils.process_allgather(s, tiled=True)))
+        rgb_emb.append(np.asarray(multihost_utils.process_allgather(t, tiled=True)))
     sar_emb, rgb_emb = np.concatenate(sar_emb), np.concatenate(rgb_emb)
     sim = sar_emb @ rgb_emb.T
     rank = (sim > np.diag(sim)[:, None]).sum(axis=1)  # candidates scored above the true pair

@@ -45,17 +45,19 @@ class Reporter:
         self.start_step, self.start_time = step, time.perf_counter()
 
     def log(self, step: int, metrics: Mapping[str, float], examples_per_step: int) -> dict:
+        """Prints a progress line and writes the record; throughput and ETA are measured from
+        the last `restart_clock` (None / unknown at that very step)."""
         elapsed = time.perf_counter() - self.start_time
-        done = max(step - self.start_step, 1)
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                  "examples_per_sec": examples_per_step * done / max(elapsed, 1e-9)}
+        done = step - self.start_step
+        rate = examples_per_step * done / elapsed if done > 0 and elapsed > 0 else None
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "examples_per_sec": rate}
         if self.main:
-            eta = elapsed / done * (self.total_steps - step)
+            eta = _format_eta(elapsed / done * (self.total_steps - step)) if rate else "?"
             extras = " | ".join(f"{k} {v:.4g}" for k, v in record.items()
                                 if k not in ("step", "loss", "lr", "examples_per_sec"))
             print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record.get('lr', 0):.3g} | "
-                  f"{record['examples_per_sec']:.1f} pairs/s | ETA {_format_eta(eta)}"
-                  + (f" | {extras}" if extras else ""), flush=True)
+                  f"{f'{rate:.1f}' if rate else '-'} pairs/s | ETA {eta}" + (f" | {extras}" if extras else ""),
+                  flush=True)
             self.write(record)
         return record
 
