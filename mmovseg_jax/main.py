@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 JOBS = ("cmu", "encoder_demo")
@@ -63,6 +63,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/cmu.py")
+    if not _DEBUG.value:
+        logging.set_verbosity(logging.WARNING)  # keep library INFO lines (Orbax saves, backends) out of the progress
     init_distributed()
     try:
         run_job(_CONFIG.value, _WORKDIR.value)
