@@ -35,7 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.tensorboard = True
-    c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device
+    # data x fsdp devices (data = -1: the rest). fsdp > 1 splits parameters and optimiser
+    # state over that axis; shard_teacher splits the frozen teacher's weights too.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_teacher=False))
 
     # The teacher: a converted DINO folder (python -m convert.to_flax ...) or, when empty,
     # random weights of `model`. The student always starts from the teacher's weights.

@@ -52,6 +52,7 @@ JAX's default matmul precision (`jax_default_matmul_precision`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -261,8 +262,11 @@ def info_nce(query: jax.Array, key: jax.Array, temperature: float | jax.Array, *
 
 
 def sharded_info_nce(query: jax.Array, key: jax.Array, temperature: float | jax.Array, *, mesh: Mesh,
-                     axis: str = "data", symmetric: bool = True, chunk_size: int | None = None) -> jax.Array:
+                     axis: str | tuple[str, ...] = "data", symmetric: bool = True,
+                     chunk_size: int | None = None) -> jax.Array:
     """`info_nce` written explicitly for a batch split over mesh axis `axis` -> scalar.
+
+    `axis` may be a tuple of mesh axes (e.g. ("data", "fsdp")) over which the batch is split.
 
     query, key (B, D) with B divisible by the axis size n. Under `jax.shard_map` each
     device scores its B/n rows against the keys of all devices (and, if symmetric, its
@@ -274,7 +278,7 @@ def sharded_info_nce(query: jax.Array, key: jax.Array, temperature: float | jax.
     """
     _check_pair(query, key, 2)
     _check_chunk(chunk_size)
-    n = mesh.shape[axis]
+    n = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
     if query.shape[0] % n:
         raise ValueError(f"batch {query.shape[0]} is not divisible by the {n} devices of mesh axis {axis!r}")
     t = jnp.asarray(temperature, jnp.float32)

@@ -60,6 +60,18 @@ def test_eight_devices_equal_one(tmp_path, loss):
     assert l1[0] != l1[-1]  # training moved
 
 
+def test_fsdp_mesh_equals_one_device(tmp_path):
+    """data 2 x fsdp 4 (parameters, optimiser state and teacher split) = one device."""
+    one = _run(tmp_path / "one", "--config.total_steps=3", devices=1)
+    fsdp = _run(tmp_path / "fsdp", "--config.total_steps=3", "--config.mesh.fsdp=4", "--config.mesh.shard_teacher=True",
+                devices=8)
+    assert "{'data': 2, 'fsdp': 4}" in fsdp.stdout
+    share = int(fsdp.stdout.split("% split over fsdp")[0].rsplit(" ", 1)[-1])
+    assert share > 50, fsdp.stdout
+    np.testing.assert_allclose([m["loss"] for m in _metrics(tmp_path / "fsdp")],
+                               [m["loss"] for m in _metrics(tmp_path / "one")], atol=1e-5, rtol=0)
+
+
 def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path):
     steps = ["--config.total_steps=30", "--config.checkpoint_every=10"]
     _run(tmp_path / "straight", *steps)

@@ -78,7 +78,7 @@ def alignment_loss(aligner: Aligner, student_tokens, teacher_tokens, loss: ml_co
         elif loss.embedding == "dense":
             per_block.append(losses.dense_info_nce(s, t, aligner.temperature(), symmetric=loss.symmetric))
         else:
-            per_block.append(losses.sharded_info_nce(s, t, aligner.temperature(), mesh=mesh, axis=sharding.DATA,
+            per_block.append(losses.sharded_info_nce(s, t, aligner.temperature(), mesh=mesh, axis=sharding.BATCH_AXES,
                                                      symmetric=loss.symmetric, chunk_size=loss.chunk_size or None))
     return jnp.mean(jnp.stack(per_block))
 
@@ -89,21 +89,27 @@ def prepare(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, lr: optax.Schedule,
-                    config: ml_collections.ConfigDict, mesh: Mesh):
+                    config: ml_collections.ConfigDict, mesh: Mesh, state_shardings):
     """A jitted step: (state, teacher_params, batch) -> (state, metrics). The teacher runs
-    without gradients; only the aligner's parameters have optimiser state."""
+    without gradients; only the aligner's parameters have optimiser state. The new state
+    keeps `state_shardings`; the state passed in is donated."""
     blocks = tuple(config.blocks)
+    # FSDP: weights are gathered whole for the forward and backward passes, gradients are
+    # reduce-scattered back to the parameters' shards; activations stay split by batch.
+    gathered = jax.tree.map(lambda _: sharding.replicated(mesh), state_shardings["params"])
 
     def step(state, teacher_params, batch):
         rgb, sar = prepare(batch)
-        teacher = nnx.merge(teacher_def, teacher_params)
+        teacher = nnx.merge(teacher_def, jax.lax.with_sharding_constraint(
+            teacher_params, jax.tree.map(lambda _: sharding.replicated(mesh), teacher_params)))
         teacher_tokens = jax.lax.stop_gradient(teacher(rgb, blocks))
 
         def loss_fn(p):
-            aligner = nnx.merge(aligner_def, p)
+            aligner = nnx.merge(aligner_def, jax.lax.with_sharding_constraint(p, gathered))
             return alignment_loss(aligner, aligner.student(sar, blocks), teacher_tokens, config.loss, mesh)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "lr": lr(state["step"]), "grad_norm": optax.global_norm(grads)}
@@ -111,7 +117,7 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
             metrics["temperature"] = nnx.merge(aligner_def, new_params).temperature()
         return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
 def make_embed_fn(aligner_def, teacher_def, config: ml_collections.ConfigDict):
@@ -180,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the CMU stage in `workdir`; returns the final summary."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.global_batch_size, mesh)
     if not config.blocks:
         raise ValueError("config.blocks: give at least one block index")
@@ -199,10 +205,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_def, teacher_params = nnx.split(teacher)
 
     tx, lr = optim.make(config.optimizer, config.total_steps)
-    replicated = sharding.replicated(mesh)
-    state = jax.device_put({"params": aligner_params, "opt_state": tx.init(aligner_params),
-                            "step": jnp.zeros((), jnp.int32)}, replicated)
-    teacher_params = jax.device_put(teacher_params, replicated)
+    state = {"params": aligner_params, "opt_state": tx.init(aligner_params), "step": jnp.zeros((), jnp.int32)}
+    state_shardings = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, state_shardings)
+    teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh)
+                                    if config.mesh.shard_teacher else sharding.replicated(mesh))
+    if jax.process_index() == 0:
+        sizes = [(x.size, x.sharding.is_fully_replicated) for x in jax.tree.leaves(state["params"])]
+        total = sum(n for n, _ in sizes)
+        split = sum(n for n, rep in sizes if not rep)
+        print(f"trainable parameters {total / 1e6:.2f} M, {100 * split / total:.0f}% split over fsdp = "
+              f"{mesh.shape[sharding.FSDP]}", flush=True)
 
     train_iter = sources.train_iterator(train_source, config)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
@@ -225,7 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
             init_path.write_text(json.dumps(before, indent=2) + "\n")
 
-    train_step = make_train_step(aligner_def, teacher_def, tx, lr, config, mesh)
+    train_step = make_train_step(aligner_def, teacher_def, tx, lr, config, mesh, state_shardings)
     step = start
     for step in range(start + 1, config.total_steps + 1):
         batch = next(train_iter)

@@ -1,22 +1,38 @@
-"""Device mesh from a config, and host batches as global arrays sharded over it."""
+"""Device mesh from a config, parameter sharding rules, and host batches as global arrays.
+
+The mesh has two axes, ("data", "fsdp"). The batch is split over both; parameters and
+optimiser state are replicated over "data" and, when fsdp > 1, each array is split
+over "fsdp" along its largest dimension that divides evenly (FSDP / ZeRO-3 style: XLA
+gathers a layer's weights where it needs them). With fsdp = 1 this is plain data
+parallelism.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA = "data"
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
 
 
-def make_mesh(data: int = -1) -> Mesh:
-    """A 1-D mesh whose "data" axis spans `data` devices (-1: every device of every process)."""
-    count = jax.device_count() if data in (-1, 0, None) else int(data)
-    if count > jax.device_count() or jax.device_count() % count:
-        raise ValueError(f"config.mesh.data = {data} does not divide the {jax.device_count()} devices")
-    return jax.make_mesh((count,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over every device of every process; data = -1 takes the rest."""
+    devices = jax.device_count()
+    fsdp = int(fsdp or 1)
+    if fsdp < 1 or devices % fsdp:
+        raise ValueError(f"config.mesh.fsdp = {fsdp} does not divide the {devices} devices")
+    data = devices // fsdp if data in (-1, 0, None) else int(data)
+    if data * fsdp != devices:
+        raise ValueError(f"config.mesh.data x config.mesh.fsdp = {data} x {fsdp} is not the {devices} devices")
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_devices(mesh: Mesh) -> int:
+    return mesh.shape[DATA] * mesh.shape[FSDP]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -24,18 +40,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the data axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA))
+    """Leading (batch) dimension split over every device."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def fsdp_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 14) -> NamedSharding:
+    """Sharding of one parameter-like array: its largest dimension divisible by the fsdp
+    size is split over "fsdp"; small arrays (< min_size elements) stay replicated."""
+    n = mesh.shape[FSDP]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            spec = [None] * len(shape)
+            spec[dim] = FSDP
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return replicated(mesh)
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """The fsdp_sharding of every array of a pytree (parameters, optimiser state, ...)."""
+    return jax.tree.map(lambda x: fsdp_sharding(tuple(np.shape(x)), mesh), tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "config.global_batch_size") -> None:
-    devices = mesh.shape[DATA]
+    devices = batch_devices(mesh)
     if global_batch_size % devices:
-        raise ValueError(f"{field} = {global_batch_size} is not divisible by the {devices} devices of the "
-                         f"data axis")
+        raise ValueError(f"{field} = {global_batch_size} is not divisible by the {devices} devices of the mesh")
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's part of a batch -> global arrays sharded over the data axis."""
+    """This process's part of a batch -> global arrays sharded over every device."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
