@@ -239,7 +239,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             init_path.write_text(json.dumps(before, indent=2) + "\n")
 
     train_step = make_train_step(aligner_def, teacher_def, tx, lr, config, mesh, state_shardings)
-    step = start
     for step in range(start + 1, config.total_steps + 1):
         batch = next(train_iter)
         state, metrics = train_step(state, teacher_params, sharding.to_global(
@@ -254,6 +253,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
 
     after = retrieval(embed_fn, state["params"], teacher_params, eval_batches, mesh)
+    # Whole parameters on every host (a collective: every process takes part).
+    host_params = multihost_utils.process_allgather(state["params"], tiled=True)
     summary = {"steps": config.total_steps, "retrieval_init": before, "retrieval_final": after}
     if jax.process_index() == 0:
         (workdir / "retrieval.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -261,7 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"(chance: top-1 {after['chance_top1']:.3f}, top-5 {after['chance_top5']:.3f}):", flush=True)
         for name, r in (("initialisation", before), ("trained", after)):
             print(f"  {name:<15} top-1 {r['top1']:.3f}   top-5 {r['top5']:.3f}", flush=True)
-        trained = nnx.merge(aligner_def, jax.device_get(state["params"]))
+        trained = nnx.merge(aligner_def, host_params)
         export = storage.save(workdir / "sar_encoder", "dino", trained.student.config,
                               params.flat_params(trained.student), source={"format": "dino", "style": {},
                                                                            "trained_by": "mmovseg_jax CMU"})
