@@ -134,3 +134,14 @@ TINY_CLIP_PROJECTION = 32
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels whose (2r+1)^2 neighbourhood lies entirely inside `mask` (bool (H, W))."""
+    h, w = mask.shape
+    padded = np.pad(mask, radius, constant_values=False)
+    out = np.ones_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out &= padded[dy:dy + h, dx:dx + w]
+    return out

@@ -18,6 +18,7 @@ from conftest import (TINY_CLIP_PROJECTION, TINY_CLIP_TEXT, TINY_CLIP_VISION, ch
 from convert.to_flax import convert_to_flax
 from mmovseg_jax.models import clip, params, storage
 from mmovseg_jax.models.tokenizer import Tokenizer
+from reference_naming import hf_clip_to_openai
 
 NATIVE, OTHER = (32, 32), (48, 40)  # OTHER: non-square, grid 6x5 from the 4x4 table
 EOS, BOS = TINY_CLIP_TEXT["eos_token_id"], TINY_CLIP_TEXT["bos_token_id"]
@@ -152,40 +153,9 @@ def test_bf16_close_to_fp32_but_not_equal(hf_clip):
 # -------------------------------------------------------------- OpenAI naming
 
 def openai_state_dict(hf, qkv: str) -> dict[str, torch.Tensor]:
-    """The HF model's tensors under OpenAI CLIP's names; qkv "fused" (in_proj_weight) or
-    "split" (q/k/v_proj_weight plus in_proj_bias, the MM-OVSeg release's layout)."""
-    sd = hf.state_dict()
-    vm, tm = "vision_model", "text_model"
-    out = {"visual.conv1.weight": sd[f"{vm}.embeddings.patch_embedding.weight"],
-           "visual.class_embedding": sd[f"{vm}.embeddings.class_embedding"],
-           "visual.positional_embedding": sd[f"{vm}.embeddings.position_embedding.weight"],
-           "visual.proj": sd["visual_projection.weight"].T,
-           "token_embedding.weight": sd[f"{tm}.embeddings.token_embedding.weight"],
-           "positional_embedding": sd[f"{tm}.embeddings.position_embedding.weight"],
-           "text_projection": sd["text_projection.weight"].T,
-           "logit_scale": sd["logit_scale"]}
-    for p in ("weight", "bias"):
-        out[f"visual.ln_pre.{p}"] = sd[f"{vm}.pre_layrnorm.{p}"]
-        out[f"visual.ln_post.{p}"] = sd[f"{vm}.post_layernorm.{p}"]
-        out[f"ln_final.{p}"] = sd[f"{tm}.final_layer_norm.{p}"]
-    towers = [("visual.transformer.resblocks", f"{vm}.encoder.layers", hf.config.vision_config.num_hidden_layers),
-              ("transformer.resblocks", f"{tm}.encoder.layers", hf.config.text_config.num_hidden_layers)]
-    for o_prefix, h_prefix, depth in towers:
-        for i in range(depth):
-            o, h = f"{o_prefix}.{i}", f"{h_prefix}.{i}"
-            if qkv == "fused":
-                out[f"{o}.attn.in_proj_weight"] = torch.cat([sd[f"{h}.self_attn.{n}_proj.weight"] for n in "qkv"])
-            else:
-                for n in "qkv":
-                    out[f"{o}.attn.{n}_proj_weight"] = sd[f"{h}.self_attn.{n}_proj.weight"]
-            out[f"{o}.attn.in_proj_bias"] = torch.cat([sd[f"{h}.self_attn.{n}_proj.bias"] for n in "qkv"])
-            for p in ("weight", "bias"):
-                out[f"{o}.attn.out_proj.{p}"] = sd[f"{h}.self_attn.out_proj.{p}"]
-                out[f"{o}.ln_1.{p}"] = sd[f"{h}.layer_norm1.{p}"]
-                out[f"{o}.ln_2.{p}"] = sd[f"{h}.layer_norm2.{p}"]
-                out[f"{o}.mlp.c_fc.{p}"] = sd[f"{h}.mlp.fc1.{p}"]
-                out[f"{o}.mlp.c_proj.{p}"] = sd[f"{h}.mlp.fc2.{p}"]
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    """The HF model's tensors under OpenAI CLIP's names; qkv "fused" or "split"."""
+    depths = (hf.config.vision_config.num_hidden_layers, hf.config.text_config.num_hidden_layers)
+    return hf_clip_to_openai(hf.state_dict(), qkv, depths)
 
 
 @pytest.mark.parametrize("qkv", ["fused", "split"])

@@ -26,6 +26,8 @@ from mmovseg_jax.models import clip, dino
 from mmovseg_jax.models import params as P
 from mmovseg_jax.models import storage
 
+from reference_naming import hf_clip_to_openai
+
 # ------------------------------------------------------------------- tiny models
 
 VIT_KW = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -87,37 +89,7 @@ def vit_to_dino(raw: dict, depth: int = VIT_DEPTH) -> dict[str, torch.Tensor]:
 
 def clip_to_openai(hf: dict, qkv: str = "fused", depths=CLIP_DEPTHS) -> dict[str, torch.Tensor]:
     """transformers CLIPModel state dict -> OpenAI CLIP naming (fused or split q/k/v)."""
-    vm, tm = "vision_model.", "text_model."
-    out = {"visual.conv1.weight": hf[f"{vm}embeddings.patch_embedding.weight"],
-           "visual.class_embedding": hf[f"{vm}embeddings.class_embedding"],
-           "visual.positional_embedding": hf[f"{vm}embeddings.position_embedding.weight"],
-           "visual.proj": hf["visual_projection.weight"].T,
-           "token_embedding.weight": hf[f"{tm}embeddings.token_embedding.weight"],
-           "positional_embedding": hf[f"{tm}embeddings.position_embedding.weight"],
-           "text_projection": hf["text_projection.weight"].T,
-           "logit_scale": hf["logit_scale"]}
-    for p in ("weight", "bias"):
-        out[f"visual.ln_pre.{p}"] = hf[f"{vm}pre_layrnorm.{p}"]
-        out[f"visual.ln_post.{p}"] = hf[f"{vm}post_layernorm.{p}"]
-        out[f"ln_final.{p}"] = hf[f"{tm}final_layer_norm.{p}"]
-    for src, dst, depth in ((vm, "visual.transformer.resblocks.", depths[0]),
-                            (tm, "transformer.resblocks.", depths[1])):
-        for i in range(depth):
-            h, b = f"{src}encoder.layers.{i}.", f"{dst}{i}."
-            for p in ("weight", "bias"):
-                out[f"{b}ln_1.{p}"] = hf[f"{h}layer_norm1.{p}"]
-                out[f"{b}ln_2.{p}"] = hf[f"{h}layer_norm2.{p}"]
-                out[f"{b}attn.out_proj.{p}"] = hf[f"{h}self_attn.out_proj.{p}"]
-                out[f"{b}mlp.c_fc.{p}"] = hf[f"{h}mlp.fc1.{p}"]
-                out[f"{b}mlp.c_proj.{p}"] = hf[f"{h}mlp.fc2.{p}"]
-            qkv_w = [hf[f"{h}self_attn.{n}_proj.weight"] for n in "qkv"]
-            out[f"{b}attn.in_proj_bias"] = torch.cat([hf[f"{h}self_attn.{n}_proj.bias"] for n in "qkv"])
-            if qkv == "fused":
-                out[f"{b}attn.in_proj_weight"] = torch.cat(qkv_w)
-            else:
-                for n, w in zip("qkv", qkv_w):
-                    out[f"{b}attn.{n}_proj_weight"] = w
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    return hf_clip_to_openai(hf, qkv, depths)
 
 
 # -------------------------------------------------------------------- comparing

@@ -12,6 +12,8 @@ from mmovseg_jax.data.augment import CenterCrop, PairedAugment
 from mmovseg_jax.data.pipeline import iterator_state_from_json, iterator_state_to_json, make_iterator
 from mmovseg_jax.data.synthetic import SyntheticPairs, generate_scene
 
+from conftest import erode
+
 BLOCK = 8
 
 
@@ -26,16 +28,6 @@ def _aligned_record(size: int = 96, seed: int = 0) -> dict:
     return {"rgb": rgb, "sar": rgb[..., 0].copy(), "label": rgb[..., 1] // 43,
             "valid": np.ones((size, size), bool), "index": np.int64(seed)}
 
-
-def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels whose (2r+1)^2 neighbourhood lies entirely inside `mask`."""
-    h, w = mask.shape
-    padded = np.pad(mask, radius, constant_values=False)
-    out = np.ones_like(mask)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            out &= padded[dy:dy + h, dx:dx + w]
-    return out
 
 
 def _batches(it, n: int) -> list[dict]:
@@ -71,7 +63,7 @@ def test_paired_augment_keeps_modalities_aligned():
         # Fill outside the source: ignore label exactly where valid is False.
         np.testing.assert_array_equal(out["label"] == 255, ~out["valid"])
         # Images are 0 where the whole bilinear footprint is outside (2 px inside the invalid area).
-        outside = _erode(~out["valid"], 2)
+        outside = erode(~out["valid"], 2)
         assert (out["rgb"][outside] == 0).all() and (out["sar"][outside] == 0).all()
 
 

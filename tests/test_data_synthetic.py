@@ -10,16 +10,7 @@ import pytest
 from mmovseg_jax.data.synthetic import (CITY, CLASSES, FOREST, SAR_LOOKS, WATER, BARE, SyntheticPairs,
                                         generate_scene, record_seed, sar_uint8_to_intensity)
 
-
-def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels whose (2r+1)^2 neighbourhood lies entirely inside `mask`."""
-    h, w = mask.shape
-    padded = np.pad(mask, radius, constant_values=False)
-    out = np.ones_like(mask)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            out &= padded[dy:dy + h, dx:dx + w]
-    return out
+from conftest import erode
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +73,7 @@ def test_water_speckle_statistics(scenes):
     """Homogeneous water: intensity coefficient of variation ~ 1/sqrt(looks) (fully developed speckle)."""
     cvs = []
     for s in scenes:
-        core = _erode(s["label"] == WATER, 3)
+        core = erode(s["label"] == WATER, 3)
         if core.sum() >= 300:
             intensity = sar_uint8_to_intensity(s["sar"][core])
             cvs.append(intensity.std() / intensity.mean())
