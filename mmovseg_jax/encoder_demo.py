@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mmovseg_jax.data.preprocess import normalize
 from mmovseg_jax.models import clip, dino, storage, tokenizer
+from mmovseg_jax.train import sharding
 
 
 def _build(family: str, cfg: ml_collections.ConfigDict, dtype: str, seed: int):
@@ -68,11 +68,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     classes = [c.strip() for c in config.classes.split(",") if c.strip()]
     if not classes or len(set(classes)) != len(classes):
         raise ValueError(f"config.classes: need distinct, non-empty class names, got {config.classes!r}")
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = sharding.make_mesh()
     pixels = read_image(config.image, config.image_size) if config.image else \
         synthetic_tiles(config.batch_size, config.image_size, config.seed)
-    if pixels.shape[0] % jax.device_count():
-        raise ValueError(f"config.batch_size {pixels.shape[0]} is not divisible by the {jax.device_count()} devices")
+    sharding.check_batch_size(pixels.shape[0], mesh, "config.batch_size")
 
     dino_model = _build("dino", config.dino, config.dtype, config.seed)
     clip_model = _build("clip", config.clip, config.dtype, config.seed + 1)
@@ -95,8 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         similarity = jnp.einsum("bnd,kd->bnk", dense, text)
         return features, similarity
 
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    pixels = jax.device_put(jnp.asarray(pixels), batch_sharding)
+    pixels = jax.device_put(jnp.asarray(pixels), sharding.batch_sharding(mesh))
     start = time.perf_counter()
     features, similarity = jax.block_until_ready(forward(dino_model, clip_model, pixels, tokens))
     compile_s = time.perf_counter() - start
@@ -115,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "dino_feature_shapes": [list(f.shape) for f in features],
         "clip_similarity_shape": list(similarity.shape), "label_fractions": fractions,
         "compile_seconds": round(compile_s, 2), "images_per_second": round(pixels.shape[0] / step_s, 2),
-        "pixels_sharding": [str(a) for a in pixels.sharding.spec],
+        "pixels_sharding": list(pixels.sharding.spec[0]),  # mesh axes splitting the batch
     }
     for i, f in zip(dino_blocks, features):
         print(f"DINO block {i}: tokens {tuple(f.shape)} (CLS first), mean {float(f.mean()):+.4f} std {float(f.std()):.4f}")

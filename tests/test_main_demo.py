@@ -42,7 +42,7 @@ def test_demo_sharded_over_8_devices_matches_one_device(tmp_path):
     assert eight.returncode == 0, eight.stderr
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s8 = json.loads((tmp_path / "eight" / "summary.json").read_text())
-    assert s8["devices"] == 8 and s8["pixels_sharding"] == ["data"]
+    assert s8["devices"] == 8 and s8["pixels_sharding"] == ["data", "fsdp"]
     # Same seeds and weights: the sharded batch labels the patches as the unsharded one
     # (to within a patch or two that may flip on a near tie).
     for name, fraction in s1["label_fractions"].items():

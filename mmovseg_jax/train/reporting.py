@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Mapping
@@ -72,10 +71,6 @@ class Reporter:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
             self.writer.flush()
-
-    def info(self, message: str) -> None:
-        if self.main:
-            print(message, file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
