@@ -2,8 +2,9 @@
 
     python -m convert.to_flax SRC OUT [--checkpoint-key teacher] [--prefix dino_model.]
 
-SRC is a transformers CLIP or ViT/DINO folder, an original DINO `.pth`, or an OpenAI
-CLIP state dict (fused or split q/k/v). The format is detected from the keys. OUT
+SRC is a transformers CLIP or ViT/DINO folder, an original DINO `.pth` (the MM-OVSeg
+release's SAR DINO included), an OpenAI CLIP state dict (fused or split q/k/v), or the
+MM-OVSeg release's full-model checkpoint (CLIP + both DINOs + head). The format is detected from the keys. OUT
 receives an Orbax checkpoint, `model.json` describing the architecture and, for CLIP,
 the tokenizer files. Unknown, missing or mis-shaped keys stop the conversion with a
 message listing all of them; nothing is written then.
@@ -18,18 +19,21 @@ from pathlib import Path
 
 from convert import rules as R
 from convert.clip_formats import HfClipFormat, OpenAiClipFormat
+from convert.release_format import ReleaseFormat
 from convert.torch_io import log, read_source
 from convert.vit_formats import DinoFormat, HfVitFormat
 from mmovseg_jax.models import params as P
 from mmovseg_jax.models import storage, tokenizer
 
-FORMATS = (HfClipFormat, OpenAiClipFormat, HfVitFormat, DinoFormat)
+FORMATS = (ReleaseFormat, HfClipFormat, OpenAiClipFormat, HfVitFormat, DinoFormat)
 
 
 def detect_format(keys, where: str):
     """The checkpoint format whose signature keys are present."""
     keys = set(keys)
     found = [f for f in FORMATS if f.detect(keys)]
+    if ReleaseFormat in found:  # a full model holds CLIP and DINO keys under its own prefixes
+        found = [ReleaseFormat]
     if len(found) != 1:
         sample = ", ".join(sorted(keys)[:8])
         what = "no known checkpoint format" if not found else f"ambiguous formats {[f.name for f in found]}"
@@ -41,7 +45,7 @@ def detect_format(keys, where: str):
 def convert_to_flax(src: str | os.PathLike, out: str | os.PathLike, *, checkpoint_key: str | None = None,
                     prefix: str | None = None, num_heads: int | None = None,
                     pos_interpolation: str | None = None, tokenizer_folder: str | os.PathLike | None = None,
-                    trust_pickle: bool = False) -> Path:
+                    trust_pickle: bool = False, image_size: int | None = None) -> Path:
     """Converts `src` into the Flax folder `out` and returns its path.
 
     num_heads: attention heads of a DINO/ViT source without config.json (default width // 64;
@@ -49,6 +53,7 @@ def convert_to_flax(src: str | os.PathLike, out: str | os.PathLike, *, checkpoin
     pos_interpolation: "size" or "dino" for DINO models (default: as the source's code base).
     tokenizer_folder: CLIP tokenizer files to store (default: the source folder's, else
     OpenAI's BPE vocabulary shipped with mmovseg-jax).
+    image_size: input tile size of a full MM-OVSeg model (default 384, the release's).
     """
     source = read_source(src, checkpoint_key=checkpoint_key, prefix=prefix, trust_pickle=trust_pickle)
     for note in source.notes:
@@ -56,10 +61,13 @@ def convert_to_flax(src: str | os.PathLike, out: str | os.PathLike, *, checkpoin
     fmt = detect_format(source.state, str(src))
     style = fmt.style(source.state)
     try:
-        config = fmt.infer_config(source.state, source.hf_config, num_heads, pos_interpolation)
+        extra = {"image_size": image_size} if fmt is ReleaseFormat and image_size else {}
+        config = fmt.infer_config(source.state, source.hf_config, num_heads, pos_interpolation, **extra)
     except KeyError as e:
         raise R.ConversionError(f"{src}: looks like {fmt.name} but lacks key {e.args[0]!r}") from e
     log(f"format {fmt.name} {style or ''}-> {fmt.family} {config}")
+    if hasattr(fmt, "check_buffers"):
+        fmt.check_buffers(config, source.state, str(src))
     expected = P.param_shapes_of(storage.build_abstract(fmt.family, config))
     flax_params, extras = R.apply_to_flax(fmt.rules(config, style), source.state, expected, fmt.auxiliary,
                                           what=str(src))
@@ -67,7 +75,7 @@ def convert_to_flax(src: str | os.PathLike, out: str | os.PathLike, *, checkpoin
         log(f"kept {len(extras)} tensors that are not part of the encoder ({', '.join(sorted(extras)[:4])}"
             f"{', ...' if len(extras) > 4 else ''}) in extras.npz, for converting back")
     files = []
-    if fmt.family == "clip":
+    if fmt.family in ("clip", "mmovseg"):
         tok_dir = tokenizer_folder or (source.folder if source.folder and tokenizer.tokenizer_files(source.folder)
                                        else tokenizer.BUNDLED_BPE)
         files = tokenizer.tokenizer_files(tok_dir)
@@ -91,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-heads", type=int, help="attention heads of a DINO source without config.json (default width // 64)")
     parser.add_argument("--pos-interpolation", choices=("size", "dino"),
                         help="DINO position-table resizing rule (default: the source code base's)")
+    parser.add_argument("--image-size", type=int, help="input tile size of a full MM-OVSeg model (default 384)")
     parser.add_argument("--tokenizer", help="folder of CLIP tokenizer files to store with the model")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary pickled objects in a .pth (only for files you trust)")
@@ -99,7 +108,8 @@ def main(argv=None) -> int:
     try:
         convert_to_flax(args.src, args.out, checkpoint_key=args.checkpoint_key, prefix=args.prefix,
                         num_heads=args.num_heads, pos_interpolation=args.pos_interpolation,
-                        tokenizer_folder=args.tokenizer, trust_pickle=args.trust_pickle)
+                        tokenizer_folder=args.tokenizer, trust_pickle=args.trust_pickle,
+                        image_size=args.image_size)
     except (R.ConversionError, P.ParamMismatchError, FileNotFoundError, ValueError) as e:
         if args.debug:
             raise

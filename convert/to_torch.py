@@ -1,11 +1,11 @@
 """mmovseg-jax Flax folder -> PyTorch checkpoint.
 
-    python -m convert.to_torch SRC OUT --format hf|dino|openai [--qkv fused|split]
+    python -m convert.to_torch SRC OUT --format hf|dino|openai|release [--qkv fused|split]
 
 `hf` writes a transformers folder (config.json, model.safetensors and, for CLIP, the
 tokenizer files) that `CLIPModel.from_pretrained(OUT)` / `ViTModel.from_pretrained(OUT)`
 loads; `dino` and `openai` write a state dict `.pth` in the original repositories'
-naming. Converting back to the format a model came from restores its key naming,
+naming; `release` writes a full MM-OVSeg model as the authors' `{"model": state_dict}`. Converting back to the format a model came from restores its key naming,
 tensor dtypes and the extra tensors kept aside, so the round trip is exact.
 """
 
@@ -20,13 +20,16 @@ from pathlib import Path
 
 from convert import rules as R
 from convert.clip_formats import HfClipFormat, OpenAiClipFormat
+from convert.release_format import ReleaseFormat
 from convert.torch_io import log, write_state_dict
 from convert.vit_formats import DinoFormat, HfVitFormat
 from mmovseg_jax.models import storage, tokenizer
 
 TARGETS = {("dino", "hf"): HfVitFormat, ("dino", "dino"): DinoFormat,
-           ("clip", "hf"): HfClipFormat, ("clip", "openai"): OpenAiClipFormat}
-DEFAULT_TARGET = {"dino": "dino", "hf_vit": "hf", "hf_clip": "hf", "openai_clip": "openai"}
+           ("clip", "hf"): HfClipFormat, ("clip", "openai"): OpenAiClipFormat,
+           ("mmovseg", "release"): ReleaseFormat}
+DEFAULT_TARGET = {"dino": "dino", "hf_vit": "hf", "hf_clip": "hf", "openai_clip": "openai",
+                  "mmovseg_release": "release"}
 
 
 def _write_hf_folder(out: Path, fmt, config, state, dtypes, tokenizer_src: Path | None) -> Path:
@@ -54,12 +57,13 @@ def convert_to_torch(src: str | os.PathLike, out: str | os.PathLike, format: str
                      qkv: str | None = None) -> Path:
     """Writes the model in folder `src` as a PyTorch checkpoint at `out`; returns `out`.
 
-    format: "hf", "dino" (DINO models) or "openai" (CLIP models); default: the source's.
+    format: "hf", "dino" (DINO models), "openai" (CLIP models) or "release" (full MM-OVSeg
+    models); default: the source's.
     qkv: "fused" or "split" attention weights for the openai format (default: the source's).
     """
     stored = storage.read(src)
     source_format = stored.source.get("format")
-    format = format or DEFAULT_TARGET.get(source_format)
+    format = format or DEFAULT_TARGET.get(source_format) or ("release" if stored.family == "mmovseg" else None)
     fmt = TARGETS.get((stored.family, format))
     if fmt is None:
         choices = sorted(t for fam, t in TARGETS if fam == stored.family)
@@ -78,12 +82,14 @@ def convert_to_torch(src: str | os.PathLike, out: str | os.PathLike, format: str
     elif stored.extras:
         log(f"left out {len(stored.extras)} tensors of the {source_format} source that {fmt.name} has no "
             f"place for: {', '.join(sorted(stored.extras)[:6])}")
+    if fmt is ReleaseFormat:  # the shifted-window masks the release stores as buffers
+        state.update(ReleaseFormat.buffers(stored.config))
     out = Path(out)
     if format == "hf":
         result = _write_hf_folder(out, fmt, stored.config, state, dtypes,
                                   Path(src) if stored.family == "clip" else None)
     else:
-        result = write_state_dict(state, out, dtypes)
+        result = write_state_dict(state, out, dtypes, wrapper="model" if fmt is ReleaseFormat else None)
     log(f"wrote {result} ({len(state)} tensors, {fmt.name} naming)")
     return result
 
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="folder written by convert.to_flax")
     parser.add_argument("out", help="output: a folder for --format hf, a .pth file otherwise")
-    parser.add_argument("--format", choices=("hf", "dino", "openai"), help="default: the source's format")
+    parser.add_argument("--format", choices=("hf", "dino", "openai", "release"), help="default: the source's format")
     parser.add_argument("--qkv", choices=("fused", "split"), help="openai format: attention weight layout")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)

@@ -171,9 +171,10 @@ def _to_tensor(value: np.ndarray, dtype: str | None):
 
 
 def write_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike,
-                     dtypes: Mapping[str, str] | None = None) -> Path:
+                     dtypes: Mapping[str, str] | None = None, wrapper: str | None = None) -> Path:
     """Writes tensors to `path` (.safetensors, or a torch.save pickle for any other suffix),
-    restoring recorded dtypes. Written to a temporary file first, then renamed."""
+    restoring recorded dtypes; a pickle is saved as {wrapper: tensors} when `wrapper` is
+    given. Written to a temporary file first, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: _to_tensor(v, (dtypes or {}).get(k)) for k, v in state.items()}
@@ -185,7 +186,7 @@ def write_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike,
 
             save_file(tensors, tmp, metadata={"format": "pt"})
         else:
-            _torch().save(tensors, tmp)
+            _torch().save({wrapper: tensors} if wrapper else tensors, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,6 +4,8 @@ Every config field can be overridden on the command line as `--config.field=valu
 The config's `job` field selects what runs:
 
     cmu            CMU stage: SAR ViT aligned to a frozen RGB DINO (configs/cmu.py)
+    def            DEF stage: the full model trained and scored on a setting (configs/def.py);
+                   --mode eval only scores config.model.checkpoint on the test split
     encoder_demo   DINO + CLIP encoders on a device mesh (configs/encoders.py)
 """
 
@@ -15,11 +17,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-JOBS = ("cmu", "encoder_demo")
+JOBS = ("cmu", "def", "encoder_demo")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally FILE.py:VARIANT.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mmovseg_jax", "Where outputs are written.")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval"], "Overrides config.mode (def job): train then "
+                          "evaluate, or only evaluate.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 in a multi-host run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
@@ -51,6 +55,10 @@ def run_job(config, workdir: str) -> dict:
         from mmovseg_jax.train import cmu
 
         return cmu.run(config, workdir)
+    if job == "def":
+        from mmovseg_jax.train import def_stage
+
+        return def_stage.run(config, workdir)
     if job == "encoder_demo":
         from mmovseg_jax import encoder_demo
 
@@ -66,8 +74,13 @@ def main(argv) -> None:
     if not _DEBUG.value:
         logging.set_verbosity(logging.WARNING)  # keep library INFO lines (Orbax saves, backends) out of the progress
     init_distributed()
+    config = _CONFIG.value
+    if _MODE.value:
+        if "mode" not in config:
+            raise app.UsageError(f"--mode applies to jobs with a mode field, not {config.get('job')!r}")
+        config.mode = _MODE.value
     try:
-        run_job(_CONFIG.value, _WORKDIR.value)
+        run_job(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as e:
         if _DEBUG.value:
             raise

@@ -1,11 +1,11 @@
 """On-disk form of a converted encoder: a folder holding
 
-    model.json   {"family": "dino" | "clip", "config": {...}, "source": {...}}
+    model.json   {"family": "dino" | "clip" | "mmovseg", "config": {...}, "source": {...}}
     params/      Orbax checkpoint of the parameters (nested dict, float32)
     extras.npz   tensors of the source checkpoint that are not part of the
                  architecture (a pooler, a DINO projection head, position-id
                  buffers), kept so that converting back loses nothing
-    vocab.json, merges.txt, ...   CLIP tokenizer files (CLIP only)
+    vocab.json, merges.txt, ...   CLIP tokenizer files (CLIP and full MM-OVSeg models)
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ FORMAT_VERSION = 1
 
 
 def _families() -> dict[str, tuple[type, Any]]:
+    from mmovseg_jax.models import mmovseg
+
     return {"dino": (dino.Model, lambda d: dino.Config(**d)),
-            "clip": (clip.Model, clip.Config.from_dict)}
+            "clip": (clip.Model, clip.Config.from_dict),
+            "mmovseg": (mmovseg.Model, mmovseg.Config.from_dict)}
 
 
 def config_from_dict(family: str, config: Mapping) -> Any:

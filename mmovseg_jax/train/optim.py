@@ -1,10 +1,14 @@
 """Optimiser from a config: AdamW with warmup + cosine decay, optional global-norm clipping.
 
 Weight decay applies to matrices only (kernels of linear and conv layers); norms,
-biases, embeddings and position tables are not decayed.
+biases, embeddings and position tables are not decayed. Parameter groups can train at
+multiples of the base learning rate (the DEF stage's CLIP at 1/100), through
+`optax.multi_transform`; clipping is over the global norm of all groups together.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -30,11 +34,26 @@ def decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make(config: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimiser named by config.optimizer and its learning-rate schedule."""
+def make(config: ml_collections.ConfigDict, total_steps: int,
+         groups: tuple[Callable[[Any], Any], Mapping[str, float]] | None = None
+         ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimiser named by config.optimizer and its (base) learning-rate schedule.
+
+    groups: (labels_fn, {label: lr multiplier}); labels_fn maps the parameter tree to a
+    tree of labels, as for `optax.multi_transform`.
+    """
     if config.name != "adamw":
         raise ValueError(f"config.optimizer.name: {config.name!r} is not supported (adamw)")
     lr = schedule(config, total_steps)
+
+    def adamw(multiplier: float) -> optax.GradientTransformation:
+        rate = lr if multiplier == 1.0 else (lambda step: multiplier * lr(step))
+        return optax.adamw(rate, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
-    parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask))
+    if groups is None:
+        parts.append(adamw(1.0))
+    else:
+        labels_fn, multipliers = groups
+        parts.append(optax.multi_transform({name: adamw(m) for name, m in multipliers.items()}, labels_fn))
     return optax.chain(*parts), lr

@@ -1,0 +1,98 @@
+"""DEF stage: the full MM-OVSeg model trained and scored on a benchmark setting
+(mmovseg_jax/train/def_stage.py).
+
+    python -m mmovseg_jax.main --config configs/def.py --workdir /tmp/def
+    python -m mmovseg_jax.main --config configs/def.py:ddhr_sk --workdir /tmp/ddhr_sk \
+        --config.data.root=/data/MM-OVSeg \
+        --config.model.clip_checkpoint=/models/clip_b16 \
+        --config.model.rgb_dino_checkpoint=/models/rsib_dino_b8 \
+        --config.model.sar_dino_checkpoint=/tmp/cmu_official/sar_encoder
+    python -m mmovseg_jax.main --config configs/def.py:ddhr_sk --workdir /tmp/ddhr_sk_eval \
+        --config.mode=eval --config.model.checkpoint=/models/mmovseg_release_flax --config.data.root=...
+
+Variants (REFERENCE.md sections 1 and 3):
+  synthetic      (default) tiny model on the built-in synthetic world, minutes on a CPU;
+                 seen: water, forest, city, farmland; unseen: road, bare soil
+  pie_cloud      PIE-cloud -> PIE-cloud       pie_clean      PIE-clean -> PIE-clean
+  ddhr_sk        DDHR-SK -> DDHR-SK           ddhr_sk_to_ch  DDHR-SK -> DDHR-CH
+  oem_thick      OEM-thick -> OEM-thick       oem_thin       OEM-thin -> OEM-thin
+The paper settings use the released architecture (CLIP B/16, DINO B/8 at 384), AdamW
+lr 2.5e-4, wd 1e-4, CLIP q/v at lr x 0.01, global-norm clip 0.01, cosine, batch 8,
+120k steps, BCE with ignore pixels excluded.
+
+Useful overrides: --config.model.use_sar=False (RGB-only baseline, paper Table 3),
+--config.model.head_layers=0 (no cost aggregation, the paper's prose),
+--config.model.variant=B_dino16 (DINO patch 16), --config.clip_finetune=full|frozen,
+--config.loss.kind=ce, --config.loss.release_ignore=True (the release's BCE).
+"""
+
+import ml_collections
+
+SETTINGS = ("synthetic", "pie_cloud", "ddhr_sk", "oem_thick", "oem_thin", "pie_clean", "ddhr_sk_to_ch")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    setting = arg or "synthetic"
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown variant {setting!r} of configs/def.py; choose from {SETTINGS}")
+    c = ml_collections.ConfigDict()
+    c.job = "def"
+    c.mode = "train"  # train (then evaluate) | eval
+    c.setting = setting
+    c.seed = 0
+    c.total_steps = 600
+    c.global_batch_size = 8
+    c.log_every = 25
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.tensorboard = True
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_frozen=False))
+
+    c.model = ml_collections.ConfigDict(dict(
+        checkpoint="",            # a full model folder (converted release checkpoint or WORKDIR/model)
+        variant="tiny",           # B | B_dino16 | tiny (architecture when no full checkpoint)
+        clip_checkpoint="",       # converted CLIP folder (python -m convert.to_flax ...)
+        rgb_dino_checkpoint="",   # converted DINO folder (the release's RSIB.pth)
+        sar_dino_checkpoint="",   # the CMU stage's WORKDIR/sar_encoder, or a converted SAR DINO
+        require_pretrained=False,
+        use_sar=True,
+        head_layers=-1,           # >= 0 overrides the variant's aggregation layers
+        dtype="float32",
+        seed=0,
+    ))
+    c.clip_finetune = "qv"        # qv | full | frozen
+    c.clip_lr_multiplier = 0.01
+    c.loss = ml_collections.ConfigDict(dict(kind="bce", release_ignore=False))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=2.5e-4, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=0, schedule="cosine",
+        grad_clip=0.01))
+
+    c.data = ml_collections.ConfigDict(dict(
+        root="",                  # folder holding PIE_RGBSAR/, DDSK/, DDCH/, OEM/
+        crop_size=384,
+        short_edge=(),            # () = crop_size; (lo, hi) random shortest edge
+        flip=True,
+        jitter_prob=0.5,          # photometric jitter on RGB only
+        worker_count=0,
+        num_records=512, tile_size=128, cache=True,   # synthetic world only
+    ))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=8, max_tiles=0, num_records=96))
+
+    if setting == "synthetic":
+        c.data.crop_size = 128
+        c.optimizer.lr = 1e-3
+        c.optimizer.warmup_steps = 30
+        c.optimizer.grad_clip = 1.0
+        c.clip_finetune = "full"  # random CLIP weights: its text tower must learn the class names
+        c.clip_lr_multiplier = 1.0
+    else:
+        c.model.variant = "B"
+        c.model.require_pretrained = True
+        c.model.dtype = "bfloat16"
+        c.total_steps = 120_000
+        c.log_every = 100
+        c.checkpoint_every = 5000
+        c.keep_checkpoints = 3
+        c.data.worker_count = 8
+        c.eval.num_records = 0
+    return c

@@ -1,0 +1,1 @@
+"""Small numerical operations shared by models, data and evaluation."""

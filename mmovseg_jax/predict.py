@@ -1,0 +1,296 @@
+"""Segment one optical + SAR pair with a trained MM-OVSeg model, for any class list.
+
+    python -m mmovseg_jax.predict --checkpoint MODEL_DIR --rgb tile.tif --sar tile_sar.tif \\
+        --classes "water,road,forest" --out mask.png [--probabilities probs.npy] \\
+        [--overlay overlay.png] [--debug]
+
+Writes
+  --out            the colour mask (fixed palette) with a legend panel (swatch + name per
+                   class) to its right; the mask occupies the top-left H x W pixels
+  <out>_index.png  beside it: single-channel uint8 class indices (position in --classes)
+  --probabilities  float32 (T, H, W) .npy, sigmoid probabilities at the input size
+  --overlay        the colour mask blended over the RGB, with the same legend panel
+
+RGB: PNG/JPEG/GeoTIFF, 3 or 4 bands (non-uint8 stretched to uint8 per image). SAR: one
+band (or a grey image saved as RGB); non-uint8 values are backscatter in dB (or linear
+with --sar-units linear) mapped from --sar-db-range to 0..255.
+
+Errors (missing or unreadable file, RGB/SAR size mismatch, empty or duplicate class
+names, a folder that is not a model) print one line `error: ...` and exit with code 2
+(--debug: the traceback). Outputs are written to temporary files and renamed into place
+only once all of them are ready, so a failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mmovseg_jax.data import imageio
+
+# Kelly's colours of maximum contrast (white and black left out), then golden-ratio hues.
+PALETTE = np.array([
+    (243, 195, 0), (135, 86, 146), (243, 132, 0), (161, 202, 241), (190, 0, 50), (194, 178, 128),
+    (132, 132, 130), (0, 136, 86), (230, 143, 172), (0, 103, 165), (249, 147, 121), (96, 78, 151),
+    (246, 166, 0), (179, 68, 108), (220, 211, 0), (136, 45, 23), (141, 182, 0), (101, 69, 34),
+    (226, 88, 34), (43, 61, 38)], np.uint8)
+OVERLAY_ALPHA = 0.5
+
+
+class UsageError(ValueError):
+    """A bad argument or input: reported as one `error:` line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(message)
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct colours: the fixed palette, then evenly spread hues."""
+    extra = [tuple(round(255 * c) for c in colorsys.hsv_to_rgb((0.61803398875 * i) % 1.0, 0.75, 0.9))
+             for i in range(max(0, n - len(PALETTE)))]
+    return np.concatenate([PALETTE, np.array(extra, np.uint8).reshape(-1, 3)])[:n]
+
+
+def parse_classes(text: str) -> list[str]:
+    """"water, road,forest" -> ["water", "road", "forest"]; UsageError for empty/duplicate names."""
+    names = [c.strip() for c in text.split(",")]
+    if not any(names):
+        raise UsageError("--classes: the class list is empty")
+    if not all(names):
+        raise UsageError(f"--classes: empty class name in {text!r}")
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise UsageError(f"--classes: duplicate class names: {', '.join(dupes)}")
+    return names
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 optical image."""
+    return imageio.to_uint8_rgb(imageio.read_image(path), path)
+
+
+def read_sar(path: Path, units: str, db_range: tuple[float, float]) -> np.ndarray:
+    """(H, W) uint8 SAR image."""
+    band = imageio.sar_single_band(imageio.read_image(path), path)
+    image, _ = imageio.sar_to_uint8(band, path, db=units == "db", db_range=db_range)
+    return image
+
+
+def _font(size: int = 13):
+    """DejaVu Sans where installed (wide glyph coverage), else Pillow's bundled font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def _label(draw, name: str, font) -> str:
+    """The name, or an ASCII fallback if the font cannot draw it."""
+    try:
+        draw.textbbox((0, 0), name, font=font)
+        return name
+    except (UnicodeError, ValueError):
+        return name.encode("ascii", "replace").decode()
+
+
+def with_legend(image: np.ndarray, classes: Sequence[str], colours: np.ndarray):
+    """(H, W, 3) uint8 -> PIL image: `image` at the top left, a legend panel (swatch +
+    class name per class) on its right, white background."""
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [_label(probe, c, font) for c in classes]
+    boxes = [probe.textbbox((0, 0), s, font=font) for s in labels]
+    text_h = max(b[3] - b[1] for b in boxes)
+    swatch, pad = max(12, text_h + 2), 8
+    row = swatch + 4
+    panel_w = pad + swatch + 6 + max(b[2] - b[0] for b in boxes) + pad
+    panel_h = 2 * pad + row * len(classes)
+    height, width = image.shape[:2]
+    canvas = Image.new("RGB", (width + panel_w, max(height, panel_h)), (255, 255, 255))
+    canvas.paste(Image.fromarray(image, "RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, box) in enumerate(zip(labels, boxes)):
+        x, y = width + pad, pad + i * row
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in colours[i]),
+                       outline=(0, 0, 0))
+        draw.text((x + swatch + 6, y + (swatch - (box[3] - box[1])) // 2 - box[1]), name, fill=(0, 0, 0),
+                  font=font)
+    return canvas
+
+
+def overlay(rgb: np.ndarray, colour_mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """(H, W, 3) uint8 blend: (1 - alpha) rgb + alpha mask."""
+    blend = (1 - alpha) * rgb.astype(np.float32) + alpha * colour_mask.astype(np.float32)
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def index_path(out: Path) -> Path:
+    """<out stem>_index.png beside `out`."""
+    return out.with_name(out.stem + "_index.png")
+
+
+def _check_output(path: Path, arg: str, suffix: str) -> Path:
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{arg} {path}: must end with {suffix}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{arg} {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{arg} {path}: is a folder")
+    return path
+
+
+def _write_all(outputs: dict[Path, Callable]) -> None:
+    """Writes each output through writer(file object) to a temporary file beside it, then
+    renames all into place; on any error the temporary files are removed."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, writer in outputs.items():
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open()
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _png_writer(image):
+    return lambda f: image.save(f, format="PNG")
+
+
+def _reading(arg: str, reader: Callable, path: Path, *rest):
+    """reader(path, *rest), its errors (which name the file) prefixed with the argument."""
+    try:
+        return reader(path, *rest)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{arg} {e}") from e
+    except ValueError as e:
+        raise UsageError(f"{arg} {e}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m mmovseg_jax.predict", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path, help="MM-OVSeg model folder")
+    p.add_argument("--rgb", required=True, type=Path, help="optical image (PNG/JPEG/GeoTIFF)")
+    p.add_argument("--sar", type=Path, help="single-band SAR image (required by models with a SAR branch)")
+    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "water,road,forest"')
+    p.add_argument("--out", required=True, type=Path, help="colour mask PNG with legend")
+    p.add_argument("--probabilities", type=Path, help="float32 (T, H, W) probabilities .npy")
+    p.add_argument("--overlay", type=Path, help="mask blended over the RGB, PNG")
+    p.add_argument("--sar-units", choices=("db", "linear"), default="db",
+                   help="units of non-uint8 SAR values (default dB)")
+    p.add_argument("--sar-db-range", type=float, nargs=2, default=imageio.DEFAULT_DB_RANGE,
+                   metavar=("LOW", "HIGH"), help="dB range mapped to 0..255 (default -25 5)")
+    p.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap (default 1/3)")
+    p.add_argument("--no-global-view", action="store_true", help="no global view in the sliding window")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Reads, checks, segments and writes; returns a summary. UsageError / FileNotFoundError /
+    ValueError for bad inputs, raised before anything is written."""
+    from mmovseg_jax.inference import Segmenter, argmax_index
+
+    classes = parse_classes(args.classes)
+    if len(classes) > 256:
+        raise UsageError(f"--classes: {len(classes)} classes, at most 256 fit the index PNG")
+    if not 0 <= args.overlap < 1:
+        raise UsageError(f"--overlap must lie in [0, 1), got {args.overlap}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = _check_output(args.out, "--out", ".png")
+    targets = [out, index_path(out)]
+    if args.probabilities:
+        targets.append(_check_output(args.probabilities, "--probabilities", ".npy"))
+    if args.overlay:
+        targets.append(_check_output(args.overlay, "--overlay", ".png"))
+    if len({t.resolve() for t in targets}) != len(targets):
+        raise UsageError(f"output paths collide: {', '.join(map(str, targets))}")
+
+    rgb = _reading("--rgb", read_rgb, args.rgb)
+    sar = None
+    if args.sar is not None:
+        sar = _reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range))
+        if sar.shape != rgb.shape[:2]:
+            raise UsageError(f"--rgb {args.rgb} is {rgb.shape[0]}x{rgb.shape[1]} but --sar {args.sar} is "
+                             f"{sar.shape[0]}x{sar.shape[1]}: the pair must have the same size")
+
+    t0 = time.perf_counter()
+    if not args.checkpoint.is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such folder")
+    try:
+        seg = Segmenter.load(args.checkpoint, dtype=args.dtype, overlap=args.overlap,
+                             global_view=not args.no_global_view, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--checkpoint {e}") from e
+    if seg.config.use_sar and sar is None:
+        raise UsageError(f"--sar: the model in {args.checkpoint} has a SAR branch; pass the SAR image")
+    t1 = time.perf_counter()
+
+    probs = seg.probabilities(rgb, sar if seg.config.use_sar else None, classes)
+    index = argmax_index(probs)
+    t2 = time.perf_counter()
+
+    from PIL import Image
+
+    colours = palette(len(classes))
+    colour_mask = colours[index]
+    outputs = {out: _png_writer(with_legend(colour_mask, classes, colours)),
+               index_path(out): _png_writer(Image.fromarray(index, "L"))}
+    if args.probabilities:
+        outputs[args.probabilities] = lambda f: np.save(f, probs.astype(np.float32))
+    if args.overlay:
+        outputs[args.overlay] = _png_writer(with_legend(overlay(rgb, colour_mask), classes, colours))
+    _write_all(outputs)
+    return {"classes": classes, "size": rgb.shape[:2], "windows": seg.windows(*rgb.shape[:2]),
+            "window": seg.image_size, "load_s": t1 - t0, "predict_s": t2 - t1,
+            "sar_used": seg.config.use_sar, "written": list(outputs)}
+
+
+def _print_summary(s: dict) -> None:
+    h, w = s["size"]
+    print(f"classes: {', '.join(s['classes'])} ({len(s['classes'])})")
+    print(f"tile: {h}x{w}, {s['windows']} model input(s) of {s['window']}x{s['window']}"
+          + ("" if s["sar_used"] else ", RGB only"))
+    print(f"seconds: load {s['load_s']:.1f}, predict {s['predict_s']:.1f}")
+    print("wrote: " + ", ".join(map(str, s["written"])))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        _print_summary(run(args))
+    except (UsageError, OSError, ValueError) as e:  # OSError: missing/unwritable files
+        if debug:
+            raise
+        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""DEF stage: train and evaluate the full MM-OVSeg model on a benchmark setting.
+
+    python -m mmovseg_jax.main --config configs/def.py --workdir /tmp/def            # synthetic
+    python -m mmovseg_jax.main --config configs/def.py:ddhr_sk --workdir W --config.data.root=/data \
+        --config.model.clip_checkpoint=C --config.model.rgb_dino_checkpoint=R --config.model.sar_dino_checkpoint=S
+
+Both DINO encoders are frozen (not even in the optimiser state); CLIP trains its
+attention query/value weights (or its whole transformer blocks, or nothing) at
+`clip_lr_multiplier` x the base learning rate; everything else (DINO level projections,
+CLIP guidance upsamplers, the head) at the base rate. One jitted step over the (data,
+fsdp) mesh: the batch is split over devices, trainable parameters and optimiser state
+over fsdp. The text embeddings of the training classes are recomputed in every step
+(CLIP's text tower trains too). Evaluation (`config.mode = "eval"`, and at the end of
+training) scores the test split with the test class list: WORKDIR/eval_test.json and .md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from mmovseg_jax import segmentation_losses
+from mmovseg_jax.data import benchmarks, pipeline, seg_augment
+from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
+from mmovseg_jax.evaluation import metrics
+from mmovseg_jax.inference import Segmenter
+from mmovseg_jax.models import mmovseg, params, storage, tokenizer
+from mmovseg_jax.ops import resize
+from mmovseg_jax.train import optim, sharding
+from mmovseg_jax.train.checkpointing import Checkpointer
+from mmovseg_jax.train.reporting import Reporter
+
+CLIP_FINETUNE = ("qv", "full", "frozen")
+
+
+# ----------------------------------------------------------------------------- model
+
+def _load_encoder(folder: str, family: str) -> storage.Stored:
+    stored = storage.read(folder)
+    if stored.family != family:
+        raise ValueError(f"{folder} holds a {stored.family} model, not {family}")
+    return stored
+
+
+def build_model(m: ml_collections.ConfigDict) -> tuple[mmovseg.Model, str]:
+    """The model named by config.model and the folder holding its tokenizer files.
+
+    A full converted/trained model folder (`checkpoint`), or the architecture `variant`
+    with encoders from converted CLIP / DINO folders where given (random weights where not).
+    """
+    if m.checkpoint:
+        model = storage.load_model(m.checkpoint, expect_family="mmovseg", dtype=m.dtype)
+        if model.config.use_sar != m.use_sar:
+            raise ValueError(f"config.model.use_sar={m.use_sar} but {m.checkpoint} has use_sar={model.config.use_sar}")
+        return model, m.checkpoint
+    if m.variant not in mmovseg.VARIANTS:
+        raise ValueError(f"config.model.variant: {m.variant!r} is not one of {sorted(mmovseg.VARIANTS)}")
+    missing = [f for f in ("clip_checkpoint", "rgb_dino_checkpoint", "sar_dino_checkpoint")
+               if not m[f] and not (f == "sar_dino_checkpoint" and not m.use_sar)]
+    if m.require_pretrained and missing:
+        raise ValueError(f"config.model.{missing[0]} is empty: this setting starts from pretrained encoders "
+                         f"(convert them with python -m convert.to_flax; --config.model.require_pretrained=False "
+                         f"trains from random weights)")
+    cfg = dataclasses.replace(mmovseg.VARIANTS[m.variant], use_sar=m.use_sar, dtype=m.dtype)
+    if m.head_layers >= 0:
+        cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, num_layers=m.head_layers))
+    stored = {}
+    if m.clip_checkpoint:
+        stored["clip"] = _load_encoder(m.clip_checkpoint, "clip")
+        cfg = dataclasses.replace(cfg, clip=stored["clip"].config)
+    for name in ("rgb_dino", "sar_dino"):
+        if m[f"{name}_checkpoint"] and (name == "rgb_dino" or m.use_sar):
+            stored[name] = _load_encoder(m[f"{name}_checkpoint"], "dino")
+    if stored.get("rgb_dino"):
+        dino_cfg = stored["rgb_dino"].config
+        if stored.get("sar_dino") and stored["sar_dino"].config != dino_cfg:
+            raise ValueError(f"{m.sar_dino_checkpoint} ({stored['sar_dino'].config}) and {m.rgb_dino_checkpoint} "
+                             f"({dino_cfg}) are different architectures")
+        cfg = dataclasses.replace(cfg, dino=dino_cfg)
+    elif stored.get("sar_dino"):
+        cfg = dataclasses.replace(cfg, dino=stored["sar_dino"].config)
+    model = mmovseg.Model(cfg, rngs=nnx.Rngs(m.seed))
+    for name, s in stored.items():
+        params.set_params(getattr(model, name), s.params, f"config.model.{name}_checkpoint")
+    return model, (m.clip_checkpoint or str(tokenizer.BUNDLED_BPE))
+
+
+def is_trainable(finetune: str):
+    """nnx filter (path, value) -> bool of the parameters DEF trains; DINO never trains."""
+    if finetune not in CLIP_FINETUNE:
+        raise ValueError(f"config.clip_finetune: {finetune!r} is not one of {CLIP_FINETUNE}")
+
+    def trainable(path, value) -> bool:
+        names = [str(p) for p in path]
+        if not isinstance(value, nnx.Param) or names[0] in ("rgb_dino", "sar_dino"):
+            return False
+        if names[0] != "clip":
+            return True
+        if finetune == "full":  # every transformer block of both towers (the release's "full")
+            return "blocks" in names
+        if finetune == "qv":  # attention query and value weights (the release's "attention")
+            return "attn" in names and names[-2] in ("query", "value") and names[-1] == "kernel"
+        return False
+
+    return trainable
+
+
+def param_groups(multiplier: float):
+    """(labels_fn, multipliers) for optim.make: CLIP at `multiplier` x the base rate."""
+    def labels(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "clip" if getattr(path[0], "key", None) == "clip" else "base", tree)
+    return labels, {"base": 1.0, "clip": multiplier}
+
+
+# ----------------------------------------------------------------------------- step
+
+def prepare(batch: dict, use_sar: bool) -> tuple[jax.Array, jax.Array | None]:
+    """uint8 batch -> CLIP-normalised RGB and three-channel SAR, (B, S, S, 3) float32."""
+    return normalize(batch["rgb"]), (normalize(sar_as_rgb(batch["sar"])) if use_sar else None)
+
+
+def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: Mesh, state_shardings):
+    """Jitted (state, frozen, batch, tokens) -> (state, metrics); the state is donated."""
+    gathered = jax.tree.map(lambda _: sharding.replicated(mesh), state_shardings["params"])
+    use_sar = config.model.use_sar
+
+    def step(state, frozen, batch, tokens):
+        rgb, sar = prepare(batch, use_sar)
+        labels = batch["label"]
+
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, jax.lax.with_sharding_constraint(trainable, gathered), frozen)
+            logits = model(rgb, sar, tokens)
+            logits = resize.resize_bilinear(logits, labels.shape[1:], axes=(2, 3))
+            return segmentation_losses.segmentation_loss(logits, labels, config.loss.kind,
+                                                         release_ignore=config.loss.release_ignore)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        metrics_ = {"loss": loss, "lr": lr(state["step"]), "grad_norm": optax.global_norm(grads)}
+        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics_
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_collections.ConfigDict,
+             workdir: Path, split: str = "test") -> dict:
+    """Scores `source` (labels in test-class order) with the test class list; every
+    process takes records p, p + P, ...; writes WORKDIR/eval_<split>.json/.md on process 0."""
+    classes = setting.classes(split)
+    text = segmenter.text(classes)  # computed for this list, never reused from training
+    acc = metrics.ConfusionAccumulator(len(classes))
+    limit = len(source) if not config.eval.max_tiles else min(config.eval.max_tiles, len(source))
+    mine = list(range(jax.process_index(), limit, jax.process_count()))
+    start, done, batch = time.time(), 0, config.eval.batch_size
+    for i in range(0, len(mine), batch):
+        records = [source[j] for j in mine[i:i + batch]]
+        sizes = {r["label"].shape for r in records}
+        if len(sizes) == 1:
+            probs = segmenter.probabilities_batch(np.stack([r["rgb"] for r in records]),
+                                                  np.stack([r["sar"] for r in records]), text)
+        else:
+            probs = [segmenter.probabilities(r["rgb"], r["sar"], text) for r in records]
+        for r, p in zip(records, probs):
+            acc.add(np.argmax(p, axis=0), r["label"])
+        done += len(records)
+        if jax.process_index() == 0 and (done == len(mine) or (i // batch) % 10 == 0):
+            rate = done / max(time.time() - start, 1e-9)
+            print(f"eval {split}: {done}/{len(mine)} tiles, {rate:.1f} tiles/s, "
+                  f"ETA {(len(mine) - done) / max(rate, 1e-9):.0f}s", flush=True)
+    total = np.asarray(multihost_utils.process_allgather(acc.matrix.astype(np.int64))).reshape(
+        -1, len(classes), len(classes)).sum(axis=0) if jax.process_count() > 1 else acc.matrix
+    scores = metrics.segmentation_scores(total, classes, seen=setting.seen)
+    scores["setting"], scores["split"], scores["tiles"] = setting.name, split, limit
+    if jax.process_index() == 0:
+        metrics.write_report(scores, workdir / f"eval_{split}.json", workdir / f"eval_{split}.md",
+                             title=f"{setting.name} ({split})")
+        print(metrics.format_table(scores), flush=True)
+    return scores
+
+
+# ----------------------------------------------------------------------------- run
+
+def _sources(config: ml_collections.ConfigDict, setting: benchmarks.Setting):
+    kw = dict(num_records=config.data.num_records, size=config.data.tile_size, seed=config.seed,
+              cache=config.data.cache)
+    train = benchmarks.build_source(setting, "train", config.data.root or None, **kw)
+    test = benchmarks.build_source(setting, "test", config.data.root or None,
+                                   **{**kw, "num_records": config.eval.num_records})
+    return train, test
+
+
+def export(model: mmovseg.Model, tokenizer_folder: str, workdir: Path, config) -> Path:
+    """Writes the model as a model folder (WORKDIR/model): mmovseg.load / predict / convert.to_torch."""
+    return storage.save(workdir / "model", "mmovseg", model.config, params.flat_params(model),
+                        source={"format": "mmovseg_jax", "trained_by": "mmovseg_jax DEF",
+                                "setting": config.setting, "steps": config.total_steps},
+                        files=tokenizer.tokenizer_files(tokenizer_folder))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the DEF stage in `workdir`, or only evaluates (config.mode = "eval")."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.setting not in benchmarks.SETTINGS:
+        raise ValueError(f"config.setting: {config.setting!r} is not one of {', '.join(benchmarks.SETTINGS)}")
+    if config.mode not in ("train", "eval"):
+        raise ValueError(f"config.mode: {config.mode!r} is not 'train' or 'eval'")
+    setting = benchmarks.SETTINGS[config.setting]
+    model, tok_folder = build_model(config.model)
+    train_source, test_source = _sources(config, setting)
+    tok = tokenizer.Tokenizer(tok_folder, model.config.clip.text.context_length)
+    if config.mode == "eval":
+        scores = evaluate(Segmenter(model, tok, batch_size=config.eval.batch_size), setting, test_source,
+                          config, workdir)
+        return {"eval": scores}
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch_size(config.global_batch_size, mesh)
+    graphdef, trainable, frozen = nnx.split(model, is_trainable(config.clip_finetune), ...)
+    tx, lr = optim.make(config.optimizer, config.total_steps, param_groups(config.clip_lr_multiplier))
+    state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
+    state_shardings = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, state_shardings)
+    frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh) if config.mesh.shard_frozen
+                            else sharding.replicated(mesh))
+    tokens = jax.device_put(mmovseg.tokenize_classes(tok, setting.train_classes, model.config.templates),
+                            sharding.replicated(mesh))
+    if jax.process_index() == 0:
+        n_train = sum(x.size for x in jax.tree.leaves(trainable))
+        n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
+        print(f"DEF {setting.name}: {len(train_source)} training tiles, classes {setting.train_classes} -> "
+              f"{setting.test_classes}; {'RGB+SAR' if model.config.use_sar else 'RGB only'}; trainable "
+              f"{n_train / 1e6:.2f} M of {n_all / 1e6:.2f} M parameters (CLIP {config.clip_finetune} at "
+              f"x{config.clip_lr_multiplier}); mesh {dict(mesh.shape)} over {jax.device_count()} "
+              f"{jax.devices()[0].platform} devices; global batch {config.global_batch_size}", flush=True)
+
+    d = config.data
+    augment = seg_augment.SegmentationAugment(crop_size=d.crop_size, short_edge=tuple(d.short_edge) or None,
+                                              flip=d.flip, jitter_prob=d.jitter_prob)
+    train_iter = pipeline.make_iterator(train_source, global_batch_size=config.global_batch_size, seed=config.seed,
+                                        train=True, augment=augment, worker_count=d.worker_count)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, data_state = checkpointer.restore(start, state)
+        if data_state is not None:
+            train_iter.set_state(pipeline.iterator_state_from_json(data_state["grain"]))
+        print(f"resumed from {workdir / 'checkpoints' / str(start)}", flush=True)
+    reporter = Reporter(workdir, config.total_steps, start, tensorboard=config.tensorboard)
+    reporter.truncate_after(start)
+
+    train_step = make_train_step(graphdef, tx, lr, config, mesh, state_shardings)
+    for step in range(start + 1, config.total_steps + 1):
+        batch = next(train_iter)
+        state, step_metrics = train_step(state, frozen, sharding.to_global(
+            {k: batch[k] for k in ("rgb", "sar", "label")}, mesh), tokens)
+        if step == start + 1:
+            jax.block_until_ready(step_metrics)
+            reporter.restart_clock(step)
+        if step % config.log_every == 0 or step == config.total_steps:
+            reporter.log(step, jax.device_get(step_metrics), config.global_batch_size)
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+            checkpointer.save(step, state, {"grain": pipeline.iterator_state_to_json(train_iter.get_state())},
+                              force=step == config.total_steps)
+    checkpointer.close()
+
+    host_trainable = multihost_utils.process_allgather(state["params"], tiled=True)
+    trained = nnx.merge(graphdef, host_trainable, jax.device_get(frozen))
+    summary = {"steps": config.total_steps}
+    if jax.process_index() == 0:
+        folder = export(trained, tok_folder, workdir, config)
+        print(f"model: {folder} (segment a pair: python -m mmovseg_jax.predict --checkpoint {folder} ...; "
+              f"to PyTorch: python -m convert.to_torch {folder} model.pth)", flush=True)
+    scores = evaluate(Segmenter(trained, tok, batch_size=config.eval.batch_size), setting, test_source, config,
+                      workdir)
+    summary["eval"] = {k: scores[k] for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU") if k in scores}
+    if jax.process_index() == 0:
+        reporter.write({"step": config.total_steps, **{f"eval_{k}": v for k, v in summary["eval"].items()}})
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    reporter.close()
+    return summary

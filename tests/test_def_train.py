@@ -1,0 +1,107 @@
+"""DEF training end to end: sharded steps equal one device, what trains and at which
+rate, evaluation of the exported model, and (shortened) learning on the synthetic world."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmovseg_jax.models import mmovseg
+from mmovseg_jax.train import def_stage, optim
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.data.num_records=32", "--config.eval.num_records=8", "--config.log_every=1",
+         "--config.tensorboard=False", "--config.global_batch_size=8"]
+
+
+def _run(workdir, *extra, devices: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "mmovseg_jax.main", "--config", "configs/def.py", f"--workdir={workdir}",
+           *SMALL, *extra]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _losses(workdir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def test_sharded_meshes_equal_one_device_and_eval_of_the_export(tmp_path):
+    """8 devices (data 8; data 2 x fsdp 4 with the frozen encoders split) = 1 device; the
+    exported model, scored again with --mode eval, gives the end-of-training scores."""
+    steps = "--config.total_steps=3"
+    _run(tmp_path / "one", steps)
+    eight = _run(tmp_path / "eight", steps, devices=8)
+    fsdp = _run(tmp_path / "fsdp", steps, "--config.mesh.fsdp=4", "--config.mesh.shard_frozen=True", devices=8)
+    assert "over 8 cpu devices" in eight.stdout and "{'data': 2, 'fsdp': 4}" in fsdp.stdout
+    one = _losses(tmp_path / "one")
+    assert len(one) == 3 and one[0] != one[-1]
+    np.testing.assert_allclose(_losses(tmp_path / "eight"), one, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), one, atol=1e-5, rtol=0)
+
+    trained = json.loads((tmp_path / "one" / "eval_test.json").read_text())
+    assert (tmp_path / "one" / "eval_test.md").is_file()
+    _run(tmp_path / "eval", "--mode=eval", f"--config.model.checkpoint={tmp_path / 'one' / 'model'}")
+    again = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
+    assert again["class_names"] == list(trained["class_names"])
+    assert again["confusion_matrix"] == trained["confusion_matrix"]
+    assert not (tmp_path / "eval" / "checkpoints").exists()
+
+
+def _trainable_names(finetune: str) -> list[str]:
+    model = nnx.eval_shape(lambda: mmovseg.Model(mmovseg.VARIANTS["tiny"], rngs=nnx.Rngs(0)))
+    _, trainable, _ = nnx.split(model, def_stage.is_trainable(finetune), ...)
+    return [".".join(map(str, path)) for path, _ in nnx.to_flat_state(trainable)]
+
+
+def test_what_trains():
+    qv = _trainable_names("qv")
+    clip_qv = [n for n in qv if n.startswith("clip.")]
+    assert clip_qv and all(n.endswith(("query.kernel", "value.kernel")) for n in clip_qv)
+    assert any(n.startswith("clip.text.") for n in clip_qv) and any(n.startswith("clip.vision.") for n in clip_qv)
+    assert not any(n.startswith(("rgb_dino.", "sar_dino.")) for n in qv)
+    assert any(n.startswith("head.") for n in qv) and any(n.startswith("sar_levels.") for n in qv)
+    assert not any(n.startswith("clip.") for n in _trainable_names("frozen"))
+    full = [n for n in _trainable_names("full") if n.startswith("clip.")]
+    assert len(full) > len(clip_qv) and all(".blocks." in n for n in full)
+    with pytest.raises(ValueError, match="clip_finetune"):
+        def_stage.is_trainable("everything")
+
+
+def test_clip_trains_at_its_learning_rate_multiplier():
+    cfg = ml_collections.ConfigDict(dict(name="adamw", lr=1e-2, weight_decay=0.0, b1=0.9, b2=0.999, warmup_steps=0,
+                                         schedule="constant", grad_clip=0.0))
+    tx, _ = optim.make(cfg, 10, def_stage.param_groups(0.01))
+    params = {"clip": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(3)}}
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+    _, state = tx.update(grads, tx.init(params), params)  # step 0: the warmup's lr is 0
+    updates, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["clip"]["w"], 0.01 * updates["head"]["w"], rtol=1e-6)
+    assert float(jnp.abs(updates["head"]["w"]).max()) > 0
+
+
+@pytest.mark.slow
+def test_synthetic_default_learns(tmp_path):
+    """A shortened default run: seen-class mIoU clearly above the best constant prediction."""
+    _run(tmp_path / "run", "--config.total_steps=200", "--config.data.num_records=256", "--config.eval.num_records=48",
+         "--config.log_every=50")
+    scores = json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    rows = {r["name"]: r for r in scores["per_class"]}
+    seen = [c for c in scores["seen_classes"] if rows[c]["gt_pixels"] > 0]
+    total = sum(r["gt_pixels"] for r in rows.values())
+    # predicting one class everywhere: IoU gt_c / total for it, 0 for the others
+    constant = max(100 * rows[c]["gt_pixels"] / total for c in seen) / len(seen)
+    print(f"mIoU_seen {scores['mIoU_seen']:.1f} vs best constant {constant:.1f}")
+    assert scores["mIoU_seen"] > constant + 15
