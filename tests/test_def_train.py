@@ -24,9 +24,9 @@ SMALL = ["--config.data.num_records=32", "--config.eval.num_records=8", "--confi
          "--config.tensorboard=False", "--config.global_batch_size=8"]
 
 
-def _run(workdir, *extra, devices: int = 1) -> subprocess.CompletedProcess:
+def _run(workdir, *extra, devices: int = 1, config: str = "configs/def.py") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "mmovseg_jax.main", "--config", "configs/def.py", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "mmovseg_jax.main", "--config", config, f"--workdir={workdir}",
            *SMALL, *extra]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -38,26 +38,61 @@ def _losses(workdir) -> list[float]:
             if '"loss"' in line]
 
 
-def test_sharded_meshes_equal_one_device_and_eval_of_the_export(tmp_path):
-    """8 devices (data 8; data 2 x fsdp 4 with the frozen encoders split) = 1 device; the
-    exported model, scored again with --mode eval, gives the end-of-training scores."""
-    steps = "--config.total_steps=3"
-    _run(tmp_path / "one", steps)
-    eight = _run(tmp_path / "eight", steps, devices=8)
-    fsdp = _run(tmp_path / "fsdp", steps, "--config.mesh.fsdp=4", "--config.mesh.shard_frozen=True", devices=8)
+def test_sharded_meshes_equal_one_device_resume_and_eval_of_the_export(tmp_path):
+    """8 devices (data 8; data 2 x fsdp 4 with the frozen encoders split) = 1 device; a run
+    resumed from its step-3 checkpoint logs the uninterrupted run's losses; the exported
+    model, scored again with --mode eval, gives the end-of-training scores."""
+    # a constant schedule without warmup: the same learning rates for 3 and 5 steps
+    constant = ("--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0")
+    _run(tmp_path / "one", "--config.total_steps=5", *constant)
+    eight = _run(tmp_path / "eight", "--config.total_steps=3", *constant, devices=8)
+    fsdp = _run(tmp_path / "fsdp", "--config.total_steps=3", *constant, "--config.mesh.fsdp=4",
+                "--config.mesh.shard_frozen=True", devices=8)
     assert "over 8 cpu devices" in eight.stdout and "{'data': 2, 'fsdp': 4}" in fsdp.stdout
     one = _losses(tmp_path / "one")
-    assert len(one) == 3 and one[0] != one[-1]
-    np.testing.assert_allclose(_losses(tmp_path / "eight"), one, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), one, atol=1e-5, rtol=0)
+    assert len(one) == 5 and one[0] != one[-1]
+    np.testing.assert_allclose(_losses(tmp_path / "eight"), one[:3], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), one[:3], atol=1e-5, rtol=0)
+    _run(tmp_path / "resumed", "--config.total_steps=3", *constant)
+    resumed = _run(tmp_path / "resumed", "--config.total_steps=5", *constant)
+    assert "resumed from" in resumed.stdout
+    np.testing.assert_allclose(_losses(tmp_path / "resumed"), one, atol=1e-6, rtol=0)
 
     trained = json.loads((tmp_path / "one" / "eval_test.json").read_text())
     assert (tmp_path / "one" / "eval_test.md").is_file()
-    _run(tmp_path / "eval", "--mode=eval", f"--config.model.checkpoint={tmp_path / 'one' / 'model'}")
+    _run(tmp_path / "eval", "--mode=eval", *constant, f"--config.model.checkpoint={tmp_path / 'one' / 'model'}")
     again = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
     assert again["class_names"] == list(trained["class_names"])
     assert again["confusion_matrix"] == trained["confusion_matrix"]
     assert not (tmp_path / "eval" / "checkpoints").exists()
+
+
+def test_a_paper_setting_on_its_prepared_layout(tmp_path):
+    """DDHR-SK -> DDHR-CH read from the authors' folder layout (JPEG optical/SAR, PNG labels),
+    trained with the training class list and scored with DDHR-CH's own list and order."""
+    from test_data_segmentation import make_setting_root
+
+    from mmovseg_jax.data.benchmarks import SETTINGS
+
+    root = make_setting_root(tmp_path / "data", SETTINGS["ddhr_sk_to_ch"], n=8)
+    result = _run(tmp_path / "run", "--config.model.variant=tiny",
+                  "--config.model.require_pretrained=False", "--config.model.dtype=float32",
+                  "--config.data.crop_size=128", f"--config.data.root={root}", "--config.total_steps=2",
+                  "--config.data.worker_count=0", config="configs/def.py:ddhr_sk_to_ch")
+    assert "classes ('city', 'forest', 'farmland') -> ('city', 'road', 'farmland', 'forest', 'water')" in result.stdout
+    scores = json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    assert scores["class_names"] == ["city", "road", "farmland", "forest", "water"]
+    assert scores["unseen_classes"] == ["road", "water"] and scores["tiles"] == 8
+    assert sum(map(sum, scores["confusion_matrix"])) == 8 * (24 * 32 - 3)  # every labelled pixel, ignore left out
+
+
+def test_paper_settings_refuse_random_encoders(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "mmovseg_jax.main", "--config=configs/def.py:oem_thin",
+                             f"--workdir={tmp_path}", f"--config.data.root={tmp_path}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config.model.clip_checkpoint is empty" in result.stderr
 
 
 def _trainable_names(finetune: str) -> list[str]:

@@ -197,13 +197,11 @@ def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: 
 
 # ----------------------------------------------------------------------------- run
 
-def _sources(config: ml_collections.ConfigDict, setting: benchmarks.Setting):
-    kw = dict(num_records=config.data.num_records, size=config.data.tile_size, seed=config.seed,
-              cache=config.data.cache)
-    train = benchmarks.build_source(setting, "train", config.data.root or None, **kw)
-    test = benchmarks.build_source(setting, "test", config.data.root or None,
-                                   **{**kw, "num_records": config.eval.num_records})
-    return train, test
+def _source(config: ml_collections.ConfigDict, setting: benchmarks.Setting, split: str):
+    """The labelled records of `split` (the synthetic world renders config.data/eval.num_records)."""
+    count = config.data.num_records if split == "train" else config.eval.num_records
+    return benchmarks.build_source(setting, split, config.data.root or None, num_records=count,
+                                   size=config.data.tile_size, seed=config.seed, cache=config.data.cache)
 
 
 def export(model: mmovseg.Model, tokenizer_folder: str, workdir: Path, config) -> Path:
@@ -224,13 +222,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.mode: {config.mode!r} is not 'train' or 'eval'")
     setting = benchmarks.SETTINGS[config.setting]
     model, tok_folder = build_model(config.model)
-    train_source, test_source = _sources(config, setting)
+    test_source = _source(config, setting, "test")
     tok = tokenizer.Tokenizer(tok_folder, model.config.clip.text.context_length)
     if config.mode == "eval":
         scores = evaluate(Segmenter(model, tok, batch_size=config.eval.batch_size), setting, test_source,
                           config, workdir)
         return {"eval": scores}
 
+    train_source = _source(config, setting, "train")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.global_batch_size, mesh)
     graphdef, trainable, frozen = nnx.split(model, is_trainable(config.clip_finetune), ...)
