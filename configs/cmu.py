@@ -37,7 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tensorboard = True
     # data x fsdp devices (data = -1: the rest). fsdp > 1 splits parameters and optimiser
     # state over that axis; shard_teacher splits the frozen teacher's weights too.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_teacher=False))
+    # rules: (regex, spec) pairs overriding the automatic split by parameter name, e.g.
+    # (("pos_embed", "replicated"), ("fc1.kernel", "None,fsdp")); see train/sharding.py.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_teacher=False, rules=()))
 
     # The teacher: a converted DINO folder (python -m convert.to_flax ...) or, when empty,
     # random weights of `model`. The student always starts from the teacher's weights.

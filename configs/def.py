@@ -47,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.tensorboard = True
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_frozen=False))
+    # data x fsdp devices; fsdp > 1 splits trainable parameters and optimiser state,
+    # shard_frozen the frozen encoders too; rules: name-based overrides (train/sharding.py).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_frozen=False, rules=()))
 
     c.model = ml_collections.ConfigDict(dict(
         checkpoint="",            # a full model folder (converted release checkpoint or WORKDIR/model)

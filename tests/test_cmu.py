@@ -64,7 +64,7 @@ def test_fsdp_mesh_equals_one_device(tmp_path):
     """data 2 x fsdp 4 (parameters, optimiser state and teacher split) = one device."""
     one = _run(tmp_path / "one", "--config.total_steps=3", devices=1)
     fsdp = _run(tmp_path / "fsdp", "--config.total_steps=3", "--config.mesh.fsdp=4", "--config.mesh.shard_teacher=True",
-                devices=8)
+                "--config.mesh.rules=(('pos_embed', 'replicated'), ('fc1.kernel', 'None,fsdp'))", devices=8)
     assert "{'data': 2, 'fsdp': 4}" in fsdp.stdout
     share = int(fsdp.stdout.split("% split over fsdp")[0].rsplit(" ", 1)[-1])
     assert share > 50, fsdp.stdout
@@ -150,22 +150,32 @@ def test_real_data_variant_without_paths_is_refused(tmp_path):
     assert "config.data.spacenet6_root" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    """jax.distributed on loopback: 2 processes x 4 CPU devices give the losses of 1 x 8."""
+def test_two_processes_equal_one_process_and_their_checkpoint_restores_on_other_meshes(tmp_path):
+    """jax.distributed on loopback: 2 processes x 4 CPU devices give the losses of 1 x 8;
+    their step-3 checkpoint (parameters, optimiser state, input position) restores in
+    1 process x 8 devices and in 1 x 4 and continues as the uninterrupted 1 x 8 run."""
+    import shutil
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    steps = "--config.total_steps=3"
-    procs = [subprocess.Popen(_command(tmp_path / "multi", steps, f"--coordinator=127.0.0.1:{port}",
-                                       "--num_processes=2", f"--process_id={i}"),
+    # a constant learning rate without warmup: the same schedule for 3 and 6 steps
+    constant = ("--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0")
+    procs = [subprocess.Popen(_command(tmp_path / "multi", "--config.total_steps=3", *constant,
+                                       f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
                               cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    _run(tmp_path / "single", steps, devices=8)
+    _run(tmp_path / "single", "--config.total_steps=6", *constant, devices=8)
     multi = [m["loss"] for m in _metrics(tmp_path / "multi")]
     single = [m["loss"] for m in _metrics(tmp_path / "single")]
     assert len(multi) == 3  # written once, by process 0
-    np.testing.assert_allclose(multi, single, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(multi, single[:3], atol=1e-5, rtol=0)
+    for devices in (8, 4):
+        workdir = tmp_path / f"restored_on_{devices}"
+        shutil.copytree(tmp_path / "multi", workdir)
+        resumed = _run(workdir, "--config.total_steps=6", *constant, devices=devices)
+        assert "resumed from" in resumed.stdout and f"over {devices} cpu devices" in resumed.stdout
+        np.testing.assert_allclose([m["loss"] for m in _metrics(workdir)], single, atol=1e-5, rtol=0)

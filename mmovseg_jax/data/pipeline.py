@@ -67,8 +67,12 @@ def _ensure_absl_flags_parsed() -> None:
 
 def build_dataset(source: Any, *, global_batch_size: int, seed: int, train: bool, augment: Any = None,
                   num_epochs: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
-    """The per-process batched MapDataset behind `make_iterator` (see there for arguments)."""
+                  process_count: int | None = None, start_batch: int = 0) -> grain.MapDataset:
+    """The per-process batched MapDataset behind `make_iterator` (see there for arguments).
+
+    Global batch j holds records j * global_batch_size ... (j + 1) * global_batch_size - 1
+    of the global stream, whatever the process count, so `start_batch` = j resumes the
+    stream on any number of processes (elastic restore)."""
     process_index, process_count = _process_layout(process_index, process_count)
     batch_size = _local_batch_size(global_batch_size, process_count)
     ds = grain.MapDataset.source(source)
@@ -77,14 +81,14 @@ def build_dataset(source: Any, *, global_batch_size: int, seed: int, train: bool
     elif num_epochs not in (None, 1):
         ds = ds.repeat(num_epochs, reseed_each_epoch=False)
     ds = _apply_augment(ds, augment, seed)
-    ds = ds[process_index::process_count]
-    return ds.batch(batch_size, drop_remainder=train)
+    ds = ds[process_index::process_count].batch(batch_size, drop_remainder=train)
+    return ds[start_batch:] if start_batch else ds
 
 
 def make_iterator(source: Any, *, global_batch_size: int, seed: int, train: bool, augment: Any = None,
                   worker_count: int = 0, num_epochs: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None,
-                  read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+                  process_count: int | None = None, read_options: grain.ReadOptions | None = None,
+                  start_batch: int = 0) -> grain.DatasetIterator:
     """Checkpointable iterator of this process's batches.
 
     source: random-access records (``__len__``/``__getitem__``), dicts of numpy arrays.
@@ -98,12 +102,14 @@ def make_iterator(source: Any, *, global_batch_size: int, seed: int, train: bool
       p and P default to jax.process_index() / jax.process_count().
     worker_count > 0: records are produced in that many worker processes (mp_prefetch).
     read_options: threads/prefetch in the producing process(es); default 4 threads, 8 batches.
+    start_batch: skip the first global batches (resume at a step, on any process count).
 
     Yields dicts of numpy arrays with a leading batch axis b, e.g. rgb (b, S, S, 3) uint8,
     sar (b, S, S) uint8, label (b, S, S) uint8 / valid (b, S, S) bool when present, index (b,) int64.
     """
     ds = build_dataset(source, global_batch_size=global_batch_size, seed=seed, train=train, augment=augment,
-                       num_epochs=num_epochs, process_index=process_index, process_count=process_count)
+                       num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+                       start_batch=start_batch)
     iter_ds = ds.to_iter_dataset(read_options or grain.ReadOptions(**DEFAULT_READ_OPTIONS))
     if worker_count > 0:
         _ensure_absl_flags_parsed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 
 from mmovseg_jax.data import augment, pipeline
@@ -76,13 +77,15 @@ def train_and_eval(config: ml_collections.ConfigDict) -> tuple[Subset, Subset]:
     return Subset(source, range(n - held_out)), Subset(source, range(n - held_out, n))
 
 
-def train_iterator(source: Any, config: ml_collections.ConfigDict):
-    """Endless, shuffled, augmented batches of config.global_batch_size pairs (this process's share)."""
+def train_iterator(source: Any, config: ml_collections.ConfigDict, start_batch: int = 0):
+    """Endless, shuffled, augmented batches of config.global_batch_size pairs (this process's
+    share), from global batch `start_batch` on."""
     a = config.data.augment
     transform = augment.PairedAugment(config.data.crop_size, scale=tuple(a.scale),
                                       max_rotation_deg=a.max_rotation_deg, flip=a.flip, translate=a.translate)
     return pipeline.make_iterator(source, global_batch_size=config.global_batch_size, seed=config.seed,
-                                  train=True, augment=transform, worker_count=config.data.worker_count)
+                                  train=True, augment=transform, worker_count=config.data.worker_count,
+                                  start_batch=start_batch)
 
 
 def eval_iterator(source: Any, config: ml_collections.ConfigDict):
@@ -92,10 +95,16 @@ def eval_iterator(source: Any, config: ml_collections.ConfigDict):
                                   worker_count=0, num_epochs=1)
 
 
-def iterator_state(iterator) -> dict:
-    """A JSON-serialisable snapshot of a training iterator's position."""
-    return {"grain": pipeline.iterator_state_to_json(iterator.get_state())}
+def data_position(global_batches: int) -> dict:
+    """The input stream's position as a checkpoint stores it: global batches consumed. It
+    does not depend on the process count, so a checkpoint restores on any mesh."""
+    return {"global_batches": int(global_batches), "process_count": jax.process_count()}
 
 
-def restore_iterator(iterator, state: dict) -> None:
-    iterator.set_state(pipeline.iterator_state_from_json(state["grain"]))
+def start_batch(data_state: dict | None, step: int) -> int:
+    """Where a resumed run's stream starts: the stored position, else one batch per step."""
+    if data_state is None:
+        return step
+    if "global_batches" not in data_state:
+        raise ValueError(f"checkpoint data state {sorted(data_state)} has no 'global_batches' position")
+    return int(data_state["global_batches"])

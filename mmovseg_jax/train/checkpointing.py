@@ -1,9 +1,11 @@
 """Orbax checkpoints of the training state and the input iterator's position.
 
 Each checkpoint (WORKDIR/checkpoints/<step>/) holds two items: `state` (parameters,
-optimiser state, step; saved asynchronously) and `data` (the Grain iterator state as
-JSON). Orbax writes a step under a temporary name and renames it when complete, so an
-interrupted save never shadows the last complete checkpoint.
+optimiser state, step; saved asynchronously) and `data` (the input position: global
+batches consumed, as JSON). Orbax writes a step under a temporary name and renames it
+when complete, so an interrupted save never shadows the last complete checkpoint.
+`restore` places the arrays on the shardings of the state it is given, so a checkpoint
+saved on one mesh (say 2 processes x 4 devices) restores on another (1 x 8, or 4).
 """
 
 from __future__ import annotations

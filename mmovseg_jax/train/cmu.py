@@ -206,9 +206,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     tx, lr = optim.make(config.optimizer, config.total_steps)
     state = {"params": aligner_params, "opt_state": tx.init(aligner_params), "step": jnp.zeros((), jnp.int32)}
-    state_shardings = sharding.state_shardings(state, mesh)
+    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
     state = jax.device_put(state, state_shardings)
-    teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh)
+    teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh, config.mesh.rules)
                                     if config.mesh.shard_teacher else sharding.replicated(mesh))
     if jax.process_index() == 0:
         sizes = [(x.size, x.sharding.is_fully_replicated) for x in jax.tree.leaves(state["params"])]
@@ -217,14 +217,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"trainable parameters {total / 1e6:.2f} M, {100 * split / total:.0f}% split over fsdp = "
               f"{mesh.shape[sharding.FSDP]}", flush=True)
 
-    train_iter = sources.train_iterator(train_source, config)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
     start = checkpointer.latest_step() or 0
-    if start:
+    data_state = None
+    if start:  # onto this run's mesh, whatever the mesh and process count that saved it
         state, data_state = checkpointer.restore(start, state)
-        if data_state is not None:
-            sources.restore_iterator(train_iter, data_state)
         print(f"resumed from {workdir / 'checkpoints' / str(start)}", flush=True)
+    train_iter = sources.train_iterator(train_source, config, sources.start_batch(data_state, start))
     reporter = Reporter(workdir, config.total_steps, start, tensorboard=config.tensorboard)
     reporter.truncate_after(start)
 
@@ -249,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.log_every == 0 or step == config.total_steps:
             reporter.log(step, jax.device_get(metrics), config.global_batch_size)
         if step % config.checkpoint_every == 0 or step == config.total_steps:
-            checkpointer.save(step, state, sources.iterator_state(train_iter), force=step == config.total_steps)
+            checkpointer.save(step, state, sources.data_position(step), force=step == config.total_steps)
     checkpointer.close()
 
     after = retrieval(embed_fn, state["params"], teacher_params, eval_batches, mesh)

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmovseg_jax import segmentation_losses
-from mmovseg_jax.data import benchmarks, pipeline, seg_augment
+from mmovseg_jax.data import benchmarks, pipeline, seg_augment, sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
 from mmovseg_jax.evaluation import metrics
 from mmovseg_jax.inference import Segmenter
@@ -235,9 +235,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     graphdef, trainable, frozen = nnx.split(model, is_trainable(config.clip_finetune), ...)
     tx, lr = optim.make(config.optimizer, config.total_steps, param_groups(config.clip_lr_multiplier))
     state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
-    state_shardings = sharding.state_shardings(state, mesh)
+    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
     state = jax.device_put(state, state_shardings)
-    frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh) if config.mesh.shard_frozen
+    frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, config.mesh.rules) if config.mesh.shard_frozen
                             else sharding.replicated(mesh))
     tokens = jax.device_put(mmovseg.tokenize_classes(tok, setting.train_classes, model.config.templates),
                             sharding.replicated(mesh))
@@ -253,15 +253,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     d = config.data
     augment = seg_augment.SegmentationAugment(crop_size=d.crop_size, short_edge=tuple(d.short_edge) or None,
                                               flip=d.flip, jitter_prob=d.jitter_prob)
-    train_iter = pipeline.make_iterator(train_source, global_batch_size=config.global_batch_size, seed=config.seed,
-                                        train=True, augment=augment, worker_count=d.worker_count)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
     start = checkpointer.latest_step() or 0
-    if start:
+    data_state = None
+    if start:  # onto this run's mesh, whatever the mesh and process count that saved it
         state, data_state = checkpointer.restore(start, state)
-        if data_state is not None:
-            train_iter.set_state(pipeline.iterator_state_from_json(data_state["grain"]))
         print(f"resumed from {workdir / 'checkpoints' / str(start)}", flush=True)
+    train_iter = pipeline.make_iterator(train_source, global_batch_size=config.global_batch_size, seed=config.seed,
+                                        train=True, augment=augment, worker_count=d.worker_count,
+                                        start_batch=sources.start_batch(data_state, start))
     reporter = Reporter(workdir, config.total_steps, start, tensorboard=config.tensorboard)
     reporter.truncate_after(start)
 
@@ -276,8 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.log_every == 0 or step == config.total_steps:
             reporter.log(step, jax.device_get(step_metrics), config.global_batch_size)
         if step % config.checkpoint_every == 0 or step == config.total_steps:
-            checkpointer.save(step, state, {"grain": pipeline.iterator_state_to_json(train_iter.get_state())},
-                              force=step == config.total_steps)
+            checkpointer.save(step, state, sources.data_position(step), force=step == config.total_steps)
     checkpointer.close()
 
     host_trainable = multihost_utils.process_allgather(state["params"], tiled=True)

@@ -4,12 +4,18 @@ The mesh has two axes, ("data", "fsdp"). The batch is split over both; parameter
 optimiser state are replicated over "data" and, when fsdp > 1, each array is split
 over "fsdp" along its largest dimension that divides evenly (FSDP / ZeRO-3 style: XLA
 gathers a layer's weights where it needs them). With fsdp = 1 this is plain data
-parallelism.
+parallelism. `config.mesh.rules` overrides that choice by name: (regex, spec) pairs
+matched (re.search, first match wins) against each array's dotted path in the state,
+e.g. ("pos_embed", "replicated") or ("mlp.fc1.kernel", "None,fsdp"); a spec names one
+mesh axis or None per dimension.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+import re
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -58,9 +64,32 @@ def fsdp_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 14) -
     return replicated(mesh)
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
-    """The fsdp_sharding of every array of a pytree (parameters, optimiser state, ...)."""
-    return jax.tree.map(lambda x: fsdp_sharding(tuple(np.shape(x)), mesh), tree)
+def parse_spec(spec: str, ndim: int, mesh: Mesh, where: str) -> NamedSharding:
+    """"replicated" or one comma-separated entry per dimension (a mesh axis or None)."""
+    if spec.strip() == "replicated":
+        return replicated(mesh)
+    axes = [a.strip() for a in spec.split(",")]
+    axes = [None if a in ("None", "") else a for a in axes]
+    unknown = [a for a in axes if a is not None and a not in mesh.axis_names]
+    if len(axes) != ndim or unknown:
+        raise ValueError(f"config.mesh.rules: spec {spec!r} for {where} needs {ndim} entries from "
+                         f"{mesh.axis_names} or None")
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = ()) -> Any:
+    """The sharding of every array of a pytree (parameters, optimiser state, ...): the first
+    rule whose regex matches its dotted path, else `fsdp_sharding`."""
+    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+
+    def choose(path, x):
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        for pattern, spec in compiled:
+            if pattern.search(name):
+                return parse_spec(spec, np.ndim(x), mesh, name)
+        return fsdp_sharding(tuple(np.shape(x)), mesh)
+
+    return jax.tree_util.tree_map_with_path(choose, tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "config.global_batch_size") -> None:
