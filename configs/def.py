@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {setting!r} of configs/def.py; choose from {SETTINGS}")
     c = ml_collections.ConfigDict()
     c.job = "def"
-    c.mode = "train"  # train (then evaluate) | eval
+    c.mode = "train"  # train (then evaluate) | eval | robustness
     c.setting = setting
     c.seed = 0
     c.total_steps = 600
@@ -80,6 +80,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_records=512, tile_size=128, cache=True,   # synthetic world only
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=8, max_tiles=0, num_records=96))
+    # Cloud augmentation in the train step: a share `prob` of the tiles gets clouds of
+    # one preset per batch (mmovseg_jax/data/clouds.py: thin, big, local, fog, wide).
+    c.clouds = ml_collections.ConfigDict(dict(prob=0.0, presets=("thin", "big")))
+    # --mode robustness: mIoU of config.model.checkpoint (and an RGB-only baseline model
+    # folder) on the test split under clouds of each preset at each forced opacity.
+    c.robustness = ml_collections.ConfigDict(dict(
+        baseline_checkpoint="", presets=("big",), opacities=(0.0, 0.25, 0.5, 0.75, 1.0), seed=0))
 
     if setting == "synthetic":
         c.data.crop_size = 128

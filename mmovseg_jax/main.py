@@ -5,7 +5,8 @@ The config's `job` field selects what runs:
 
     cmu            CMU stage: SAR ViT aligned to a frozen RGB DINO (configs/cmu.py)
     def            DEF stage: the full model trained and scored on a setting (configs/def.py);
-                   --mode eval only scores config.model.checkpoint on the test split
+                   --mode eval only scores config.model.checkpoint on the test split;
+                   --mode robustness scores it (and an RGB-only baseline) under clouds
     encoder_demo   DINO + CLIP encoders on a device mesh (configs/encoders.py)
 """
 
@@ -22,8 +23,8 @@ JOBS = ("cmu", "def", "encoder_demo")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally FILE.py:VARIANT.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mmovseg_jax", "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "eval"], "Overrides config.mode (def job): train then "
-                          "evaluate, or only evaluate.")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "robustness"], "Overrides config.mode (def job): "
+                          "train then evaluate; only evaluate; or evaluate under a ladder of cloud opacities.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 in a multi-host run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")

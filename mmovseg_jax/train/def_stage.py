@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmovseg_jax import segmentation_losses
-from mmovseg_jax.data import benchmarks, pipeline, seg_augment, sources
+from mmovseg_jax.data import benchmarks, clouds, pipeline, seg_augment, sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
 from mmovseg_jax.evaluation import metrics
 from mmovseg_jax.inference import Segmenter
@@ -42,6 +42,7 @@ from mmovseg_jax.train.checkpointing import Checkpointer
 from mmovseg_jax.train.reporting import Reporter
 
 CLIP_FINETUNE = ("qv", "full", "frozen")
+MODES = ("train", "eval", "robustness")
 
 
 # ----------------------------------------------------------------------------- model
@@ -131,12 +132,31 @@ def prepare(batch: dict, use_sar: bool) -> tuple[jax.Array, jax.Array | None]:
     return normalize(batch["rgb"]), (normalize(sar_as_rgb(batch["sar"])) if use_sar else None)
 
 
+def cloud_augment(rgb: jax.Array, key: jax.Array, prob: float, presets: tuple[str, ...]) -> jax.Array:
+    """Synthetic clouds on a random share `prob` of the tiles of a uint8 (B, S, S, 3) batch;
+    one preset per batch, drawn from `presets`. Runs inside the jitted step."""
+    unknown = [p for p in presets if p not in clouds.PRESETS]
+    if unknown or not presets:
+        raise ValueError(f"config.clouds.presets: {unknown or 'empty'}; known: {', '.join(clouds.PRESETS)}")
+    k_preset, k_apply, k_cloud = jax.random.split(key, 3)
+    image = rgb.astype(jnp.float32) / 255.0
+    branches = [lambda k, x, p=clouds.PRESETS[name]: clouds.add_clouds(k, x, p)[0] for name in presets]
+    cloudy = jax.lax.switch(jax.random.randint(k_preset, (), 0, len(presets)), branches, k_cloud, image)
+    chosen = jax.random.bernoulli(k_apply, prob, (rgb.shape[0], 1, 1, 1))
+    return jnp.where(chosen, jnp.round(cloudy * 255.0), rgb.astype(jnp.float32))
+
+
 def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: Mesh, state_shardings):
     """Jitted (state, frozen, batch, tokens) -> (state, metrics); the state is donated."""
     gathered = jax.tree.map(lambda _: sharding.replicated(mesh), state_shardings["params"])
     use_sar = config.model.use_sar
 
+    cloud_key = jax.random.key(config.seed + 1)
+
     def step(state, frozen, batch, tokens):
+        if config.clouds.prob > 0:  # the same clouds at a step whatever the mesh or restarts
+            key = jax.random.fold_in(cloud_key, state["step"])
+            batch = {**batch, "rgb": cloud_augment(batch["rgb"], key, config.clouds.prob, tuple(config.clouds.presets))}
         rgb, sar = prepare(batch, use_sar)
         labels = batch["label"]
 
@@ -159,10 +179,11 @@ def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: M
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_collections.ConfigDict,
-             workdir: Path, split: str = "test") -> dict:
-    """Scores `source` (labels in test-class order) with the test class list; every
-    process takes records p, p + P, ...; writes WORKDIR/eval_<split>.json/.md on process 0."""
+def score(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_collections.ConfigDict,
+          split: str = "test", transform=None, what: str = "eval test") -> dict:
+    """Scores of `source` (labels in test-class order) with the split's class list. Every
+    process takes records p, p + P, ...; `transform(record, index)` may alter a record
+    first (clouds for the robustness sweep)."""
     classes = setting.classes(split)
     text = segmenter.text(classes)  # computed for this list, never reused from training
     acc = metrics.ConfusionAccumulator(len(classes))
@@ -170,7 +191,7 @@ def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: 
     mine = list(range(jax.process_index(), limit, jax.process_count()))
     start, done, batch = time.time(), 0, config.eval.batch_size
     for i in range(0, len(mine), batch):
-        records = [source[j] for j in mine[i:i + batch]]
+        records = [source[j] if transform is None else transform(source[j], j) for j in mine[i:i + batch]]
         sizes = {r["label"].shape for r in records}
         if len(sizes) == 1:
             probs = segmenter.probabilities_batch(np.stack([r["rgb"] for r in records]),
@@ -182,12 +203,19 @@ def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: 
         done += len(records)
         if jax.process_index() == 0 and (done == len(mine) or (i // batch) % 10 == 0):
             rate = done / max(time.time() - start, 1e-9)
-            print(f"eval {split}: {done}/{len(mine)} tiles, {rate:.1f} tiles/s, "
+            print(f"{what}: {done}/{len(mine)} tiles, {rate:.1f} tiles/s, "
                   f"ETA {(len(mine) - done) / max(rate, 1e-9):.0f}s", flush=True)
     total = np.asarray(multihost_utils.process_allgather(acc.matrix.astype(np.int64))).reshape(
         -1, len(classes), len(classes)).sum(axis=0) if jax.process_count() > 1 else acc.matrix
     scores = metrics.segmentation_scores(total, classes, seen=setting.seen)
     scores["setting"], scores["split"], scores["tiles"] = setting.name, split, limit
+    return scores
+
+
+def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_collections.ConfigDict,
+             workdir: Path, split: str = "test") -> dict:
+    """`score`, then WORKDIR/eval_<split>.json and .md and the printed table (process 0)."""
+    scores = score(segmenter, setting, source, config, split)
     if jax.process_index() == 0:
         metrics.write_report(scores, workdir / f"eval_{split}.json", workdir / f"eval_{split}.md",
                              title=f"{setting.name} ({split})")
@@ -218,8 +246,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     if config.setting not in benchmarks.SETTINGS:
         raise ValueError(f"config.setting: {config.setting!r} is not one of {', '.join(benchmarks.SETTINGS)}")
-    if config.mode not in ("train", "eval"):
-        raise ValueError(f"config.mode: {config.mode!r} is not 'train' or 'eval'")
+    if config.mode not in MODES:
+        raise ValueError(f"config.mode: {config.mode!r} is not one of {MODES}")
     setting = benchmarks.SETTINGS[config.setting]
     model, tok_folder = build_model(config.model)
     test_source = _source(config, setting, "test")
@@ -228,6 +256,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scores = evaluate(Segmenter(model, tok, batch_size=config.eval.batch_size), setting, test_source,
                           config, workdir)
         return {"eval": scores}
+    if config.mode == "robustness":
+        from mmovseg_jax import robustness
+
+        if not config.model.checkpoint:
+            raise ValueError("config.model.checkpoint is empty: --mode robustness scores a trained model folder "
+                             "(WORKDIR/model of a DEF run, or a converted release checkpoint)")
+
+        models = {"fused" if model.config.use_sar else "model": Segmenter(model, tok, batch_size=config.eval.batch_size)}
+        if config.robustness.baseline_checkpoint:
+            models["rgb_only"] = Segmenter.load(config.robustness.baseline_checkpoint,
+                                                batch_size=config.eval.batch_size)
+        return robustness.sweep(models, setting, test_source, config, workdir)
 
     train_source = _source(config, setting, "train")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
