@@ -51,6 +51,7 @@ from typing import Callable, Sequence, TextIO
 
 import numpy as np
 
+from mmovseg_jax.cli import OneLineParser, Progress, UsageError
 from mmovseg_jax.data.imageio import IMAGE_EXTENSIONS, read_image, to_uint8_rgb
 
 TOOL = "data.make_cloudy"
@@ -65,44 +66,6 @@ KEY_DERIVATION = ("fold_in(fold_in(jax.random.key(seed), w0), w1), (w0, w1) = fi
                   "len(presets))]; image = add_clouds_uint8(k_cloud, rgb, params)")
 # Fields compared on a rerun: a difference changes the output bytes.
 COMPARED = ("tool", "version", "seed", "presets", "params", "shadows", "ext", "source")
-
-
-class UsageError(ValueError):
-    """A bad argument or input: one `error:` line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(message)
-
-
-class Progress:
-    """Prints `label: done/total images, rate, ETA` to `stream` at most every `every` seconds, and at the end.
-
-    The rate counts only images made in this run (skipped ones are free)."""
-
-    def __init__(self, total: int, stream: TextIO, every: float = 1.0, label: str = "make_cloudy"):
-        self.total, self.stream, self.every, self.label = total, stream, every, label
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int, made: int) -> None:
-        now = time.monotonic()
-        if done < self.total and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = made / elapsed
-        left = self.total - done
-        eta = 0.0 if left == 0 else (left / rate if rate > 0 else float("inf"))
-        print(f"{self.label}: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.0f}%), "
-              f"{rate:.2f} images/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}", file=self.stream, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -303,7 +266,7 @@ def make_cloudy(src: str | os.PathLike, out: str | os.PathLike, presets: Sequenc
     save()  # parameters are recorded before the first image is written
     print(f"{label}: {len(jobs)} images from {src} -> {out}, presets {', '.join(presets)}, seed {seed}",
           file=stream, flush=True)
-    progress = Progress(len(jobs), stream, every, label)
+    progress = Progress(len(jobs), stream, every, label, unit="images")
     made = skipped = 0
     last_save = time.monotonic()
     try:
@@ -332,7 +295,7 @@ def make_cloudy(src: str | os.PathLike, out: str | os.PathLike, presets: Sequenc
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m data.make_cloudy", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m data.make_cloudy", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, type=Path, help="folder of clear optical images (--layout oem: the "
                                                            "OpenEarthMap-SAR root holding {train,val}/rgb_images)")

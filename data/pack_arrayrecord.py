@@ -14,38 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TextIO
 
+from mmovseg_jax.cli import Progress
 from mmovseg_jax.data.arrayrecord import WRITER_OPTIONS, encode_record, shard_paths
 from mmovseg_jax.data.layouts import DFC2023, PairedFolder, SpaceNet6
-
-
-class Progress:
-    """Prints `done/total records, rate, ETA` to `stream` at most every `every` seconds, and at the end."""
-
-    def __init__(self, total: int, stream: TextIO, every: float = 1.0, label: str = "pack"):
-        self.total, self.stream, self.every, self.label = total, stream, every, label
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if done < self.total and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = done / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"{self.label}: {done}/{self.total} records ({100.0 * done / max(self.total, 1):.0f}%), "
-              f"{rate:.1f} records/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}", file=self.stream, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def pack(source, out: str | os.PathLike, *, shards: int = 1, stream: TextIO | None = None,
@@ -64,7 +38,7 @@ def pack(source, out: str | os.PathLike, *, shards: int = 1, stream: TextIO | No
     temps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in finals]
     bounds = [total * k // shards for k in range(shards + 1)]
     finals[0].parent.mkdir(parents=True, exist_ok=True)
-    progress = Progress(total, stream, every)
+    progress = Progress(total, stream, every, label="pack")
     print(f"pack: {total} records from {source!r} -> {', '.join(p.name for p in finals)}", file=stream, flush=True)
     writer = None
     try:

@@ -18,37 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from mmovseg_jax.cli import OneLineParser, UsageError, check_output, write_all
 from mmovseg_jax.data import imageio
 
 WRITE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PRESET_NAMES = ("thin", "big", "local", "fog", "wide")
-
-
-class UsageError(ValueError):
-    """A bad argument or input: one `error:` line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(message)
-
-
-def _check_output(path: Path, arg: str) -> Path:
-    if path.suffix.lower() not in WRITE_EXTENSIONS:
-        raise UsageError(f"{arg} {path}: unsupported extension {path.suffix!r} (known: {', '.join(WRITE_EXTENSIONS)})")
-    if not path.parent.is_dir():
-        raise UsageError(f"{arg} {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UsageError(f"{arg} {path}: is a folder")
-    return path
 
 
 def _image_writer(array: np.ndarray, path: Path) -> Callable:
@@ -66,24 +46,8 @@ def _image_writer(array: np.ndarray, path: Path) -> Callable:
     return lambda f: image.save(f, format="JPEG", quality=95)
 
 
-def _write_all(outputs: dict[Path, Callable]) -> None:
-    """writer(file object) into a temporary file beside each output, then renames all into place."""
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, writer in outputs.items():
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-            with open(tmp, "xb") as f:  # exclusive create; a named file (tifffile needs the name)
-                staged.append((tmp, path))
-                writer(f)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mmovseg_jax.clouds", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m mmovseg_jax.clouds", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", type=Path, metavar="IN", help="RGB image (PNG/JPEG/GeoTIFF)")
     p.add_argument("output", type=Path, metavar="OUT", help="cloudy image (.png/.jpg/.tif)")
@@ -104,8 +68,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.opacity is not None and not 0.0 <= args.opacity <= 1.0:
         raise UsageError(f"--opacity must lie in [0, 1], got {args.opacity}")
-    out = _check_output(args.output, "OUT")
-    targets = [out] + ([_check_output(args.opacity_map, "--opacity-map")] if args.opacity_map else [])
+    out = check_output(args.output, "OUT", WRITE_EXTENSIONS)
+    targets = [out] + ([check_output(args.opacity_map, "--opacity-map", WRITE_EXTENSIONS)] if args.opacity_map else [])
     if len({t.resolve() for t in targets}) != len(targets):
         raise UsageError(f"output paths collide: {', '.join(map(str, targets))}")
     try:
@@ -123,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         is_tiff = args.opacity_map.suffix.lower() in (".tif", ".tiff")
         mean = mean if is_tiff else np.rint(np.clip(mean, 0.0, 1.0) * 255.0).astype(np.uint8)
         outputs[args.opacity_map] = _image_writer(mean, args.opacity_map)
-    _write_all(outputs)
+    write_all(outputs)
     return {"size": rgb.shape[:2], "preset": args.preset, "mean_opacity": float(np.mean(alpha)),
             "written": list(outputs)}
 

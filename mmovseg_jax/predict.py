@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from mmovseg_jax.cli import OneLineParser, UsageError, check_output, write_all
 from mmovseg_jax.data import imageio
 
 # Kelly's colours of maximum contrast (white and black left out), then golden-ratio hues.
@@ -43,15 +42,6 @@ PALETTE = np.array([
     (246, 166, 0), (179, 68, 108), (220, 211, 0), (136, 45, 23), (141, 182, 0), (101, 69, 34),
     (226, 88, 34), (43, 61, 38)], np.uint8)
 OVERLAY_ALPHA = 0.5
-
-
-class UsageError(ValueError):
-    """A bad argument or input: reported as one `error:` line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(message)
 
 
 def palette(n: int) -> np.ndarray:
@@ -143,34 +133,6 @@ def index_path(out: Path) -> Path:
     return out.with_name(out.stem + "_index.png")
 
 
-def _check_output(path: Path, arg: str, suffix: str) -> Path:
-    if path.suffix.lower() != suffix:
-        raise UsageError(f"{arg} {path}: must end with {suffix}")
-    if not path.parent.is_dir():
-        raise UsageError(f"{arg} {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UsageError(f"{arg} {path}: is a folder")
-    return path
-
-
-def _write_all(outputs: dict[Path, Callable]) -> None:
-    """Writes each output through writer(file object) to a temporary file beside it, then
-    renames all into place; on any error the temporary files are removed."""
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, writer in outputs.items():
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open()
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                writer(f)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-
-
 def _png_writer(image):
     return lambda f: image.save(f, format="PNG")
 
@@ -186,7 +148,7 @@ def _reading(arg: str, reader: Callable, path: Path, *rest):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mmovseg_jax.predict", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m mmovseg_jax.predict", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="MM-OVSeg model folder")
     p.add_argument("--rgb", required=True, type=Path, help="optical image (PNG/JPEG/GeoTIFF)")
@@ -219,12 +181,12 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--overlap must lie in [0, 1), got {args.overlap}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = _check_output(args.out, "--out", ".png")
+    out = check_output(args.out, "--out", (".png",))
     targets = [out, index_path(out)]
     if args.probabilities:
-        targets.append(_check_output(args.probabilities, "--probabilities", ".npy"))
+        targets.append(check_output(args.probabilities, "--probabilities", (".npy",)))
     if args.overlay:
-        targets.append(_check_output(args.overlay, "--overlay", ".png"))
+        targets.append(check_output(args.overlay, "--overlay", (".png",)))
     if len({t.resolve() for t in targets}) != len(targets):
         raise UsageError(f"output paths collide: {', '.join(map(str, targets))}")
 
@@ -262,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         outputs[args.probabilities] = lambda f: np.save(f, probs.astype(np.float32))
     if args.overlay:
         outputs[args.overlay] = _png_writer(with_legend(overlay(rgb, colour_mask), classes, colours))
-    _write_all(outputs)
+    write_all(outputs)
     return {"classes": classes, "size": rgb.shape[:2], "windows": seg.windows(*rgb.shape[:2]),
             "window": seg.image_size, "load_s": t1 - t0, "predict_s": t2 - t1,
             "sar_used": seg.config.use_sar, "written": list(outputs)}
