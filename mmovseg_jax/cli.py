@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +21,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)
+
+
+def with_one_line_errors(argv: list[str], action: Callable[[], None]) -> int:
+    """Runs `action`; a UsageError, OSError (missing or unwritable files) or ValueError
+    becomes one `error:` line on stderr and exit code 2 (the traceback with --debug)."""
+    try:
+        action()
+    except (UsageError, OSError, ValueError) as e:
+        if "--debug" in argv:
+            raise
+        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def check_output(path: Path, arg: str, suffixes: Collection[str]) -> Path:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mmovseg_jax.cli import OneLineParser, UsageError, check_output, write_all
+from mmovseg_jax.cli import OneLineParser, UsageError, check_output, with_one_line_errors, write_all
 from mmovseg_jax.data import imageio
 
 WRITE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -92,21 +92,15 @@ def run(args: argparse.Namespace) -> dict:
             "written": list(outputs)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        s = run(build_parser().parse_args(argv))
-    except (UsageError, OSError, ValueError) as e:  # OSError: missing / unwritable files
-        if debug:
-            raise
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def _print_summary(s: dict) -> None:
     h, w = s["size"]
     print(f"{h}x{w}, preset {s['preset']}, mean opacity {s['mean_opacity']:.3f}; wrote: "
           + ", ".join(map(str, s["written"])))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return with_one_line_errors(argv, lambda: _print_summary(run(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mmovseg_jax.cli import OneLineParser, UsageError, check_output, write_all
+from mmovseg_jax.cli import OneLineParser, UsageError, check_output, with_one_line_errors, write_all
 from mmovseg_jax.data import imageio
 
 # Kelly's colours of maximum contrast (white and black left out), then golden-ratio hues.
@@ -241,17 +241,7 @@ def _print_summary(s: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        args = build_parser().parse_args(argv)
-        _print_summary(run(args))
-    except (UsageError, OSError, ValueError) as e:  # OSError: missing/unwritable files
-        if debug:
-            raise
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return with_one_line_errors(argv, lambda: _print_summary(run(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

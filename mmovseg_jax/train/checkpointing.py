@@ -44,6 +44,18 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored.state, (restored.data if has_data else None)
 
+    def resume(self, state: Any) -> tuple[Any, int, int]:
+        """(state, start step, start global batch) of the latest checkpoint, restored onto the
+        shardings of `state` whatever mesh saved it; (state, 0, 0) when there is none."""
+        from mmovseg_jax.data import sources
+
+        start = self.latest_step() or 0
+        if not start:
+            return state, 0, 0
+        state, data_state = self.restore(start, state)
+        print(f"resumed from {Path(self.manager.directory) / str(start)}", flush=True)
+        return state, start, sources.start_batch(data_state, start)
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

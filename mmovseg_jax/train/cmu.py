@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -218,12 +217,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{mesh.shape[sharding.FSDP]}", flush=True)
 
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-    start = checkpointer.latest_step() or 0
-    data_state = None
-    if start:  # onto this run's mesh, whatever the mesh and process count that saved it
-        state, data_state = checkpointer.restore(start, state)
-        print(f"resumed from {workdir / 'checkpoints' / str(start)}", flush=True)
-    train_iter = sources.train_iterator(train_source, config, sources.start_batch(data_state, start))
+    state, start, start_batch = checkpointer.resume(state)
+    train_iter = sources.train_iterator(train_source, config, start_batch)
     reporter = Reporter(workdir, config.total_steps, start, tensorboard=config.tensorboard)
     reporter.truncate_after(start)
 

@@ -294,14 +294,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     augment = seg_augment.SegmentationAugment(crop_size=d.crop_size, short_edge=tuple(d.short_edge) or None,
                                               flip=d.flip, jitter_prob=d.jitter_prob)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-    start = checkpointer.latest_step() or 0
-    data_state = None
-    if start:  # onto this run's mesh, whatever the mesh and process count that saved it
-        state, data_state = checkpointer.restore(start, state)
-        print(f"resumed from {workdir / 'checkpoints' / str(start)}", flush=True)
+    state, start, start_batch = checkpointer.resume(state)
     train_iter = pipeline.make_iterator(train_source, global_batch_size=config.global_batch_size, seed=config.seed,
                                         train=True, augment=augment, worker_count=d.worker_count,
-                                        start_batch=sources.start_batch(data_state, start))
+                                        start_batch=start_batch)
     reporter = Reporter(workdir, config.total_steps, start, tensorboard=config.tensorboard)
     reporter.truncate_after(start)
 
