@@ -11,6 +11,9 @@ Variants:
                checkpoint, batch 8, AdamW lr 3e-4, wd 1e-4, blocks 4/8/12, CMU-Data
                (SpaceNet 6 + DFC2023), paired translation/flip/scale/rotation
   official     as paper with DINO ViT-B/8 at the release's 384 px
+  large        as paper with DINOv3 ViT-L/16 (SAT-493M) teacher and student, the ViT-L
+               model's encoders (paper Appendix D), at 384 px, blocks 8/16/24; convert the
+               teacher with `python -m convert.to_flax dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth OUT`
   large_batch  InfoNCE over a global batch of 16,384 pairs with chunked, sharded logits
 
 Every field can be overridden: --config.loss.kind=l1, --config.loss.embedding=mean, ...
@@ -19,7 +22,7 @@ Block indices are 0-based (the paper's blocks 4, 8, 12 are 3, 7, 11).
 
 import ml_collections
 
-VARIANTS = ("default", "paper", "official", "large_batch")
+VARIANTS = ("default", "paper", "official", "large", "large_batch")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,6 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.tensorboard = True
+    # on_nonfinite: a NaN/inf loss or gradient stops training ("stop", the last checkpoint
+    # being the last good state) or its update is dropped and counted ("skip").
+    # inject_nan_at: make the loss NaN at this step (1-based; 0 never), to test that.
+    c.faults = ml_collections.ConfigDict(dict(on_nonfinite="stop", inject_nan_at=0))
     # data x fsdp devices (data = -1: the rest). fsdp > 1 splits parameters and optimiser
     # state over that axis; shard_teacher splits the frozen teacher's weights too.
     # rules: (regex, spec) pairs overriding the automatic split by parameter name, e.g.
@@ -45,8 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # random weights of `model`. The student always starts from the teacher's weights.
     c.teacher_checkpoint = ""
     c.teacher_required = False  # True: refuse to start from random weights
+    # family: "v1" (DINO) or "v3" (DINOv3); variant: a key of that family's VARIANTS, or ""
+    # for the small ViT given by patch_size ... num_heads.
     c.model = ml_collections.ConfigDict(dict(
-        variant="", patch_size=8, width=128, depth=4, num_heads=4, image_size=64, dtype="float32"))
+        family="v1", variant="", patch_size=8, width=128, depth=4, num_heads=4, image_size=64, dtype="float32",
+        attention="xla"))  # xla (exact) | cudnn (flash attention, padded + masked tokens) | auto (cudnn on GPU in bf16)
     c.blocks = (1, 3)
 
     c.loss = ml_collections.ConfigDict(dict(
@@ -68,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cache=True,            # keep generated synthetic scenes in memory
         tile_size=96,          # synthetic tile size before cropping
         root="",               # folder / arrayrecord (comma-separated files) sources
+        skip_bad_samples=False,  # True: an unreadable sample is replaced by the next one and counted
         spacenet6_root="", spacenet6_band="HH", dfc2023_root="", dfc2023_split="train",
         crop_size=64,          # training and evaluation resolution
         worker_count=0,        # Grain worker processes (0: in the main process)
@@ -77,17 +88,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Retrieval on held-out pairs (the last num_pairs records of the source).
     c.eval = ml_collections.ConfigDict(dict(num_pairs=256, batch_size=64))
 
-    if variant in ("paper", "official"):
+    if variant in ("paper", "official", "large"):
         c.total_steps = 30_000
         c.global_batch_size = 8
         c.log_every = 50
         c.checkpoint_every = 1000
         c.keep_checkpoints = 3
         c.teacher_required = True
-        c.model.variant = "B/16" if variant == "paper" else "B/8"
+        c.model.variant = {"paper": "B/16", "official": "B/8", "large": "L/16"}[variant]
+        c.model.family = "v3" if variant == "large" else "v1"
         c.model.image_size = 224 if variant == "paper" else 384
         c.model.dtype = "bfloat16"
-        c.blocks = (3, 7, 11)
+        # the paper's blocks 4/8/12 of 12; for the 24-block ViT-L, DEF's levels 8/16/24
+        c.blocks = (7, 15, 23) if variant == "large" else (3, 7, 11)
         c.optimizer.lr = 3e-4
         c.optimizer.warmup_steps = 500
         c.optimizer.grad_clip = 0.0

@@ -20,6 +20,12 @@ Variants (REFERENCE.md sections 1 and 3):
 The paper settings use the released architecture (CLIP B/16, DINO B/8 at 384), AdamW
 lr 2.5e-4, wd 1e-4, CLIP q/v at lr x 0.01, global-norm clip 0.01, cosine, batch 8,
 120k steps, BCE with ignore pixels excluded.
+Each paper setting also has a SETTING_large variant (e.g. pie_cloud_large): the ViT-L
+model of the paper's Appendix D and the release's MMOVL14.py (CLIP L/14@336 on the tile
+resized to 336, DINOv3 L/16 SAT-493M at 384 for RGB and SAR, head width 768), trained
+as above; give DINOv3 folders (python -m convert.to_flax dinov3_vitl16_pretrain_sat493m-
+eadcf0ff.pth OUT) as rgb/sar_dino_checkpoint. The release's vitl_336.yaml uses batch 4
+and 80k iterations; the paper does not say whether its L runs differ from B's.
 
 Useful overrides: --config.model.use_sar=False (RGB-only baseline, paper Table 3),
 --config.model.head_layers=0 (no cost aggregation, the paper's prose),
@@ -29,13 +35,16 @@ Useful overrides: --config.model.use_sar=False (RGB-only baseline, paper Table 3
 
 import ml_collections
 
-SETTINGS = ("synthetic", "pie_cloud", "ddhr_sk", "oem_thick", "oem_thin", "pie_clean", "ddhr_sk_to_ch")
+PAPER_SETTINGS = ("pie_cloud", "ddhr_sk", "oem_thick", "oem_thin", "pie_clean", "ddhr_sk_to_ch")
+SETTINGS = ("synthetic", *PAPER_SETTINGS, *(f"{s}_large" for s in PAPER_SETTINGS))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    setting = arg or "synthetic"
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown variant {setting!r} of configs/def.py; choose from {SETTINGS}")
+    variant = arg or "synthetic"
+    if variant not in SETTINGS:
+        raise ValueError(f"unknown variant {variant!r} of configs/def.py; choose from {SETTINGS}")
+    large = variant.endswith("_large")
+    setting = variant.removesuffix("_large")
     c = ml_collections.ConfigDict()
     c.job = "def"
     c.mode = "train"  # train (then evaluate) | eval | robustness
@@ -47,20 +56,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.tensorboard = True
+    c.image_every = 200    # TensorBoard example predictions every N steps (0: never)
+    c.image_tiles = 4      # ... on the first N test tiles
+    # on_nonfinite: a NaN/inf loss or gradient stops training ("stop", the last checkpoint
+    # being the last good state) or its update is dropped and counted ("skip").
+    # inject_nan_at: make the loss NaN at this step (1-based; 0 never), to test that.
+    c.faults = ml_collections.ConfigDict(dict(on_nonfinite="stop", inject_nan_at=0))
     # data x fsdp devices; fsdp > 1 splits trainable parameters and optimiser state,
     # shard_frozen the frozen encoders too; rules: name-based overrides (train/sharding.py).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_frozen=False, rules=()))
 
     c.model = ml_collections.ConfigDict(dict(
         checkpoint="",            # a full model folder (converted release checkpoint or WORKDIR/model)
-        variant="tiny",           # B | B_dino16 | tiny (architecture when no full checkpoint)
+        variant="tiny",           # B | B_dino16 | L | tiny | tiny_v3 (architecture when no full checkpoint)
         clip_checkpoint="",       # converted CLIP folder (python -m convert.to_flax ...)
-        rgb_dino_checkpoint="",   # converted DINO folder (the release's RSIB.pth)
+        rgb_dino_checkpoint="",   # converted DINO folder (the release's RSIB.pth; DINOv3 for L)
         sar_dino_checkpoint="",   # the CMU stage's WORKDIR/sar_encoder, or a converted SAR DINO
         require_pretrained=False,
         use_sar=True,
         head_layers=-1,           # >= 0 overrides the variant's aggregation layers
         dtype="float32",
+        attention="xla",          # vision encoders' attention: xla (exact) | cudnn | auto (cudnn on GPU in bf16)
         seed=0,
     ))
     c.clip_finetune = "qv"        # qv | full | frozen
@@ -72,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         root="",                  # folder holding PIE_RGBSAR/, DDSK/, DDCH/, OEM/
+        skip_bad_samples=False,   # True: an unreadable sample is replaced by the next one and counted
         crop_size=384,
         short_edge=(),            # () = crop_size; (lo, hi) random shortest edge
         flip=True,
@@ -101,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.clip_lr_multiplier = 0.1
         c.loss.kind = "ce"
     else:
-        c.model.variant = "B"
+        c.model.variant = "L" if large else "B"
         c.model.require_pretrained = True
         c.model.dtype = "bfloat16"
         c.total_steps = 120_000

@@ -1,6 +1,6 @@
 """The MM-OVSeg release's full-model checkpoint (`{"model": state_dict}` of its MMOV).
 
-Key layout (B variant):
+Key layout (B variant, MMOV.py):
 
     sem_seg_head.predictor.clip_model.*        OpenAI CLIP, q/k/v_proj_weight split
     dino_model.*, dino_sarmodel.*              original DINO ViTs (RGB, SAR)
@@ -8,6 +8,15 @@ Key layout (B variant):
     dino_sardecod_proj1 / dino_sardecod_proj2 / dino_sardown_sample   SAR levels
     upsample1, upsample2                       CLIP guidance (ConvTranspose)
     sem_seg_head.predictor.transformer.*       cost embedding, aggregation, decoder
+
+The ViT-L variant (MMOVL14.py) has the same names with CLIP L/14@336 and, under
+dino_model. / dino_sarmodel., torch-hub DINOv3 ViT-L/16 modules (cls_token,
+storage_tokens, rope_embed.periods, blocks.{i}.attn.qkv, ls1.gamma, ...; mapped by
+convert/dinov3_formats.py); its level modules are 2x2 and 4x4 ConvTranspose (levels 8,
+16) and a 1x1 conv (level 24), all from 1024 channels. It is told apart by the DINO
+keys (no pos_embed); the DINOv3 buffers (RoPE periods, qkv bias masks) are checked
+against the architecture like the window masks, and the training-only local_cls_norm
+is kept aside for writing back.
 
 The shifted-window attention masks (`...block_2.attn_mask`) are buffers: they are
 checked against the masks our model computes and kept aside (so a checkpoint written
@@ -24,6 +33,7 @@ import numpy as np
 
 from convert import rules as R
 from convert.clip_formats import OpenAiClipFormat
+from convert.dinov3_formats import Dinov3Format
 from convert.vit_formats import DinoFormat
 from mmovseg_jax.models import aggregation, def_head, mmovseg
 
@@ -36,6 +46,25 @@ LEVELS = {"rgb": ("dino_decod_proj1", "dino_decod_proj2", "dino_down_sample"),
 
 def _under(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _stripped(keys, prefix: str) -> set[str]:
+    return {k[len(prefix):] for k in keys if k.startswith(prefix)}
+
+
+def dino_family_of(keys) -> str:
+    """"v3" when the RGB DINO keys are the torch-hub DINOv3's, else "v1"."""
+    return "v3" if Dinov3Format.detect(_stripped(keys, RGB)) else "v1"
+
+
+def _dino_format(family: str):
+    return Dinov3Format if family == "v3" else DinoFormat
+
+
+def release_blocks(depth: int) -> tuple[int, int, int]:
+    """The release's DINO levels, 0-based: blocks 4, 8, 12 of 12 (B) and 8, 16, 24 of 24 (L),
+    i.e. after a third, two thirds and all of the depth."""
+    return (depth // 3 - 1, 2 * depth // 3 - 1, depth - 1)
 
 
 def _prefixed(rules: list[R.Rule], torch_prefix: str, flax_prefix: str) -> list[R.Rule]:
@@ -62,7 +91,9 @@ class ReleaseFormat:
 
     @staticmethod
     def detect(keys) -> bool:
-        return f"{CLIP}visual.class_embedding" in keys and f"{RGB}pos_embed" in keys
+        keys = set(keys)
+        return f"{CLIP}visual.class_embedding" in keys and (
+            f"{RGB}pos_embed" in keys or Dinov3Format.detect(_stripped(keys, RGB)))
 
     @staticmethod
     def style(keys) -> dict:
@@ -70,13 +101,20 @@ class ReleaseFormat:
 
     @staticmethod
     def auxiliary(key: str) -> bool:
-        return key.startswith(HEAD) and key.endswith(".attn_mask")
+        if key.startswith(HEAD) and key.endswith(".attn_mask"):
+            return True
+        # DINOv3 buffers and its training-only local_cls_norm (checked / kept by Dinov3Format)
+        return any(key.startswith(p) and Dinov3Format.auxiliary(key[len(p):]) for p in (RGB, SAR))
 
     @staticmethod
     def infer_config(state: Mapping[str, np.ndarray], hf_config: dict | None, num_heads: int | None,
                      pos_interpolation: str | None, image_size: int = 384) -> mmovseg.Config:
         clip_cfg = OpenAiClipFormat.infer_config(_under(state, CLIP), None, None, None)
-        dino_cfg = DinoFormat.infer_config(_under(state, RGB), None, num_heads, pos_interpolation or "dino")
+        family = dino_family_of(state)
+        if family == "v3":
+            dino_cfg = Dinov3Format.infer_config(_under(state, RGB), None, num_heads, pos_interpolation)
+        else:
+            dino_cfg = DinoFormat.infer_config(_under(state, RGB), None, num_heads, pos_interpolation or "dino")
         w = lambda key: state[HEAD + key].shape
         num_layers = R.numbered(_under(state, HEAD), "layers.{i}.")
         window = 12
@@ -102,20 +140,29 @@ class ReleaseFormat:
             raise R.ConversionError(f"{head.num_prompts} prompt templates per class: only the release's single "
                                     f"template is supported when converting")
         depth = clip_cfg.vision.depth
-        guidance = (3, 7) if depth == 12 else (7, 15)  # the release's layer_indexes
+        # the release's layer_indexes: [3, 7] for B/16, [7, 15] otherwise
+        guidance = (3, 7) if depth == 12 else (7, 15) if depth == 24 else (depth // 3 - 1, 2 * depth // 3 - 1)
+        extra = {}
+        if family == "v3":
+            # MMOVL14.py: CLIP sees the tile at 336 (its own table's size) unless it is B/16;
+            # DINO levels from get_intermediate_layers(n=24) indices 7, 15 and -1.
+            extra = dict(dino_family="v3", dino_blocks=release_blocks(dino_cfg.depth),
+                         clip_image_size=0 if clip_cfg.vision.patch_size == 16 else clip_cfg.vision.image_size)
         return mmovseg.Config(clip=clip_cfg, dino=dino_cfg, head=head, image_size=image_size,
-                              use_sar=f"{SAR}pos_embed" in state, clip_guidance_blocks=guidance)
+                              use_sar=any(k.startswith(SAR) for k in state), clip_guidance_blocks=guidance,
+                              **extra)
 
     @staticmethod
     def rules(cfg: mmovseg.Config, style: dict) -> list[R.Rule]:
         out = _prefixed(OpenAiClipFormat.rules(cfg.clip, {"qkv": "split"}), CLIP, "clip.")
-        out += _prefixed(DinoFormat.rules(cfg.dino, {}), RGB, "rgb_dino.")
+        dino_format = _dino_format(cfg.dino_family)
+        out += _prefixed(dino_format.rules(cfg.dino, {}), RGB, "rgb_dino.")
         out += _resample("upsample1", "clip_guidance_up.0", 2) + _resample("upsample2", "clip_guidance_up.1", 4)
         g, d = cfg.clip_grid, cfg.dino_grid
         factors = (mmovseg._factor(d, 2 * g), mmovseg._factor(d, 4 * g), mmovseg._factor(d, g))
         branches = [("rgb", "rgb_levels")]
         if cfg.use_sar:
-            out += _prefixed(DinoFormat.rules(cfg.dino, {}), SAR, "sar_dino.")
+            out += _prefixed(dino_format.rules(cfg.dino, {}), SAR, "sar_dino.")
             branches.append(("sar", "sar_levels"))
         for branch, flax in branches:
             for torch_name, flax_name, f in zip(LEVELS[branch], ("level_2g", "level_4g", "cost"), factors):
@@ -124,17 +171,26 @@ class ReleaseFormat:
 
     @staticmethod
     def buffers(cfg: mmovseg.Config) -> dict[str, np.ndarray]:
-        """The release's non-parameter tensors for this architecture (shifted-window masks)."""
+        """The release's non-parameter tensors for this architecture: shifted-window masks
+        and, with DINOv3 encoders, their RoPE periods and qkv bias masks."""
+        out = {}
+        if cfg.dino_family == "v3":
+            for prefix in (RGB, SAR) if cfg.use_sar else (RGB,):
+                out.update({prefix + k: v for k, v in Dinov3Format.buffers(cfg.dino).items()})
         g = cfg.clip_grid
         window = min(cfg.head.window, g)
         if window == g:  # one window: the release registers no mask
-            return {}
+            return out
         mask = aggregation.shifted_window_mask(g, g, window, window // 2)
-        return {f"{HEAD}layers.{i}.swin_block.block_2.attn_mask": mask.copy() for i in range(cfg.head.num_layers)}
+        out.update({f"{HEAD}layers.{i}.swin_block.block_2.attn_mask": mask.copy() for i in range(cfg.head.num_layers)})
+        return out
 
     @staticmethod
     def check_buffers(cfg: mmovseg.Config, state: Mapping[str, np.ndarray], where: str) -> None:
-        """The stored shifted-window masks must equal the ones our model computes."""
+        """The stored shifted-window masks (and DINOv3 buffers) must equal the ones our model computes."""
+        if cfg.dino_family == "v3":
+            for prefix in (RGB, SAR) if cfg.use_sar else (RGB,):
+                Dinov3Format.check_buffers(cfg.dino, _under(state, prefix), f"{where} ({prefix}*)")
         expected = ReleaseFormat.buffers(cfg)
         for key in _mask_keys(state):
             mine = expected.get(key, np.zeros((0,), np.float32))

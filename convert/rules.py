@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from mmovseg_jax.cli import Progress
 
 Arrays = list[np.ndarray]
 
@@ -131,7 +134,9 @@ def apply_to_flax(rules: Sequence[Rule], state: Mapping[str, np.ndarray],
     extras = {k: v for k, v in state.items() if k not in set(wanted) and auxiliary(k)}
     unexpected = sorted(set(state) - set(wanted) - set(extras))
     misshaped, out = [], {}
-    for rule in rules:
+    progress = Progress(len(rules), sys.stderr, every=2.0, label="convert", unit="tensors", quiet_below=2.0)
+    for i, rule in enumerate(rules):
+        progress.update(i)
         if any(k not in state for k in rule.torch_keys):
             continue
         sources = [state[k] for k in rule.torch_keys]
@@ -145,6 +150,7 @@ def apply_to_flax(rules: Sequence[Rule], state: Mapping[str, np.ndarray],
                              f"(expected {_shape_list(rule.torch_keys, [w.shape for w in want])})")
             continue
         out.update(zip(rule.flax_keys, values))
+    progress.update(len(rules))
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
@@ -163,9 +169,12 @@ def apply_to_flax(rules: Sequence[Rule], state: Mapping[str, np.ndarray],
 def apply_to_torch(rules: Sequence[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inverse of apply_to_flax for a complete parameter set."""
     out = {}
-    for rule in rules:
+    progress = Progress(len(rules), sys.stderr, every=2.0, label="convert", unit="tensors", quiet_below=2.0)
+    for i, rule in enumerate(rules):
+        progress.update(i)
         missing = [k for k in rule.flax_keys if k not in params]
         if missing:
             raise ConversionError(f"parameters missing for {rule.torch_keys}: {missing}")
         out.update(zip(rule.torch_keys, rule.to_torch([np.asarray(params[k]) for k in rule.flax_keys])))
+    progress.update(len(rules))
     return out

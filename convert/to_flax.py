@@ -2,8 +2,9 @@
 
     python -m convert.to_flax SRC OUT [--checkpoint-key teacher] [--prefix dino_model.]
 
-SRC is a transformers CLIP or ViT/DINO folder, an original DINO `.pth` (the MM-OVSeg
-release's SAR DINO included), an OpenAI CLIP state dict (fused or split q/k/v), or the
+SRC is a transformers CLIP, ViT/DINO or DINOv3 folder, an original DINO `.pth` (the MM-OVSeg
+release's SAR DINO included), an original DINOv3 `.pth` (e.g. dinov3_vitl16_pretrain_sat493m),
+an OpenAI CLIP state dict (fused or split q/k/v), or the
 MM-OVSeg release's full-model checkpoint (CLIP + both DINOs + head). The format is detected from the keys. OUT
 receives an Orbax checkpoint, `model.json` describing the architecture and, for CLIP,
 the tokenizer files. Unknown, missing or mis-shaped keys stop the conversion with a
@@ -19,13 +20,14 @@ from pathlib import Path
 
 from convert import rules as R
 from convert.clip_formats import HfClipFormat, OpenAiClipFormat
+from convert.dinov3_formats import Dinov3Format, HfDinov3Format
 from convert.release_format import ReleaseFormat
 from convert.torch_io import log, read_source
 from convert.vit_formats import DinoFormat, HfVitFormat
 from mmovseg_jax.models import params as P
 from mmovseg_jax.models import storage, tokenizer
 
-FORMATS = (ReleaseFormat, HfClipFormat, OpenAiClipFormat, HfVitFormat, DinoFormat)
+FORMATS = (ReleaseFormat, HfClipFormat, OpenAiClipFormat, HfVitFormat, DinoFormat, HfDinov3Format, Dinov3Format)
 
 
 def detect_format(keys, where: str):
@@ -49,7 +51,8 @@ def convert_to_flax(src: str | os.PathLike, out: str | os.PathLike, *, checkpoin
     """Converts `src` into the Flax folder `out` and returns its path.
 
     num_heads: attention heads of a DINO/ViT source without config.json (default width // 64;
-    OpenAI CLIP files always follow OpenAI's width // 64 rule).
+    for an original DINOv3 `.pth`, from its RoPE periods buffer; OpenAI CLIP files always
+    follow OpenAI's width // 64 rule).
     pos_interpolation: "size" or "dino" for DINO models (default: as the source's code base).
     tokenizer_folder: CLIP tokenizer files to store (default: the source folder's, else
     OpenAI's BPE vocabulary shipped with mmovseg-jax).

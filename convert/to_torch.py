@@ -1,11 +1,11 @@
 """mmovseg-jax Flax folder -> PyTorch checkpoint.
 
-    python -m convert.to_torch SRC OUT --format hf|dino|openai|release [--qkv fused|split]
+    python -m convert.to_torch SRC OUT --format hf|dino|original|openai|release [--qkv fused|split]
 
 `hf` writes a transformers folder (config.json, model.safetensors and, for CLIP, the
 tokenizer files) that `CLIPModel.from_pretrained(OUT)` / `ViTModel.from_pretrained(OUT)`
-loads; `dino` and `openai` write a state dict `.pth` in the original repositories'
-naming; `release` writes a full MM-OVSeg model as the authors' `{"model": state_dict}`. Converting back to the format a model came from restores its key naming,
+loads (`DINOv3ViTModel` for DINOv3 models); `dino`, `original` (DINOv3) and `openai` write a
+state dict `.pth` in the original repositories' naming; `release` writes a full MM-OVSeg model as the authors' `{"model": state_dict}`. Converting back to the format a model came from restores its key naming,
 tensor dtypes and the extra tensors kept aside, so the round trip is exact.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from convert import rules as R
 from convert.clip_formats import HfClipFormat, OpenAiClipFormat
+from convert.dinov3_formats import Dinov3Format, HfDinov3Format
 from convert.release_format import ReleaseFormat
 from convert.torch_io import log, write_state_dict
 from convert.vit_formats import DinoFormat, HfVitFormat
@@ -27,15 +28,17 @@ from mmovseg_jax.models import storage, tokenizer
 
 TARGETS = {("dino", "hf"): HfVitFormat, ("dino", "dino"): DinoFormat,
            ("clip", "hf"): HfClipFormat, ("clip", "openai"): OpenAiClipFormat,
-           ("mmovseg", "release"): ReleaseFormat}
+           ("mmovseg", "release"): ReleaseFormat,
+           ("dinov3", "hf"): HfDinov3Format, ("dinov3", "original"): Dinov3Format}
 DEFAULT_TARGET = {"dino": "dino", "hf_vit": "hf", "hf_clip": "hf", "openai_clip": "openai",
-                  "mmovseg_release": "release"}
+                  "mmovseg_release": "release", "hf_dinov3": "hf", "dinov3": "original"}
 
 
 def _write_hf_folder(out: Path, fmt, config, state, dtypes, tokenizer_src: Path | None) -> Path:
-    from transformers import CLIPConfig, ViTConfig
+    from transformers import CLIPConfig, DINOv3ViTConfig, ViTConfig
 
-    hf_config = (CLIPConfig if fmt is HfClipFormat else ViTConfig)(**fmt.hf_config(config))
+    config_class = {HfClipFormat: CLIPConfig, HfDinov3Format: DINOv3ViTConfig}.get(fmt, ViTConfig)
+    hf_config = config_class(**fmt.hf_config(config))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -57,8 +60,8 @@ def convert_to_torch(src: str | os.PathLike, out: str | os.PathLike, format: str
                      qkv: str | None = None) -> Path:
     """Writes the model in folder `src` as a PyTorch checkpoint at `out`; returns `out`.
 
-    format: "hf", "dino" (DINO models), "openai" (CLIP models) or "release" (full MM-OVSeg
-    models); default: the source's.
+    format: "hf", "dino" (DINO models), "original" (DINOv3 models), "openai" (CLIP models) or
+    "release" (full MM-OVSeg models); default: the source's.
     qkv: "fused" or "split" attention weights for the openai format (default: the source's).
     """
     stored = storage.read(src)
@@ -82,8 +85,9 @@ def convert_to_torch(src: str | os.PathLike, out: str | os.PathLike, format: str
     elif stored.extras:
         log(f"left out {len(stored.extras)} tensors of the {source_format} source that {fmt.name} has no "
             f"place for: {', '.join(sorted(stored.extras)[:6])}")
-    if fmt is ReleaseFormat:  # the shifted-window masks the release stores as buffers
-        state.update(ReleaseFormat.buffers(stored.config))
+    if hasattr(fmt, "buffers"):  # buffers the source did not bring (the release's shifted-window masks,
+        for key, value in fmt.buffers(stored.config).items():  # DINOv3's RoPE periods): computed; kept ones stay
+            state.setdefault(key, value)
     out = Path(out)
     if format == "hf":
         result = _write_hf_folder(out, fmt, stored.config, state, dtypes,
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="folder written by convert.to_flax")
     parser.add_argument("out", help="output: a folder for --format hf, a .pth file otherwise")
-    parser.add_argument("--format", choices=("hf", "dino", "openai", "release"), help="default: the source's format")
+    parser.add_argument("--format", choices=("hf", "dino", "original", "openai", "release"),
+                        help="default: the source's format ('original': DINOv3's .pth naming)")
     parser.add_argument("--qkv", choices=("fused", "split"), help="openai format: attention weight layout")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)

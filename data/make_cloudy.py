@@ -23,7 +23,7 @@ OUT/clouds.json records the parameters (seed, preset names and every CloudParams
 opacity map, when asked for) and refuses to run if OUT/clouds.json records different
 parameters. Each file is written to a hidden temporary name and renamed into place.
 Progress (done/total, images/s, ETA) goes to stderr. Errors (missing folder, unreadable
-image, ...) print one line `error: ...` and exit with code 2.
+image, ...) print one line `error: ...` and exit with code 2 (--debug: the traceback).
 
 OEM-thick / OEM-thin (REFERENCE.md sections 3-4; the authors did not publish their cloud
 parameters, so these are approximations): `--layout oem` reads ROOT/{train,val}/rgb_images
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("oem",), help="oem: ROOT/{train,val}/rgb_images -> OUT/{train,val}/"
                                                       "rgb_cloud (thick) or rgb_cloud_thin (thin)")
     p.add_argument("--variant", choices=tuple(OEM_VARIANTS), help="--layout oem: thick (big+local) or thin")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -338,9 +339,12 @@ def run(args: argparse.Namespace, stream: TextIO) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
     stream = sys.stderr if stream is None else stream
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         results = run(build_parser().parse_args(argv), stream)
     except (UsageError, ValueError, OSError) as e:  # OSError: missing / unwritable files
+        if "--debug" in argv:
+            raise
         message = " ".join(str(e).split()).strip() or type(e).__name__
         print(f"error: {message}", file=stream, flush=True)
         return 2

@@ -73,24 +73,36 @@ def clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar: bar(0.25, 8) -> '[##------]'."""
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
 class Progress:
-    """Prints `label: done/total unit (%), rate, elapsed, ETA` to `stream` at most every
-    `every` seconds, and at the end. The rate counts `made` items when given (work done in
-    this run, skipped items being free), else `done`."""
+    """Prints `label: [####----] done/total unit (%), rate, elapsed, ETA` to `stream` at most
+    every `every` seconds, and at the end. The rate counts `made` items when given (work
+    done in this run, skipped items being free), else `done`. With `quiet_below`, a job
+    finished within that many seconds prints nothing."""
 
     def __init__(self, total: int, stream: TextIO, every: float = 1.0, label: str = "progress",
-                 unit: str = "records"):
+                 unit: str = "records", quiet_below: float = 0.0):
         self.total, self.stream, self.every, self.label, self.unit = total, stream, every, label, unit
+        self.quiet_below = quiet_below
         self.start = self.last = time.monotonic()
+        self.printed = False
 
     def update(self, done: int, made: int | None = None) -> None:
         now = time.monotonic()
         if done < self.total and now - self.last < self.every:
             return
-        self.last = now
         elapsed = max(now - self.start, 1e-9)
+        if not self.printed and elapsed < self.quiet_below:
+            return
+        self.last, self.printed = now, True
         rate = (done if made is None else made) / elapsed
         left = self.total - done
         eta = 0.0 if left == 0 else (left / rate if rate > 0 else float("inf"))
-        print(f"{self.label}: {done}/{self.total} {self.unit} ({100.0 * done / max(self.total, 1):.0f}%), "
-              f"{rate:.2f} {self.unit}/s, elapsed {clock(elapsed)}, ETA {clock(eta)}", file=self.stream, flush=True)
+        print(f"{self.label}: {bar(done / max(self.total, 1))} {done}/{self.total} {self.unit} "
+              f"({100.0 * done / max(self.total, 1):.0f}%), {rate:.2f} {self.unit}/s, elapsed {clock(elapsed)}, "
+              f"ETA {clock(eta)}", file=self.stream, flush=True)

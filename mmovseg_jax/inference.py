@@ -270,5 +270,15 @@ def argmax_index(probs: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+def _one_line(e: BaseException, listed: int = 6) -> str:
+    """The message on one line, each `missing N: a, b, ...` / `unexpected N: ...` list of
+    parameter names cut to its first `listed` names."""
+    import re
+
+    def cut(m: re.Match) -> str:
+        names = m.group(2).strip().split(", ")
+        more = f", ... ({len(names) - listed} more)" if len(names) > listed else ""
+        return m.group(1) + ", ".join(names[:listed]) + more + " "
+
+    text = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    return re.sub(r"((?:missing|unexpected) \d+: )([^|]+?)\s*(?=\||$)", cut, text).strip()

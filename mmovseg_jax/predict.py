@@ -2,7 +2,7 @@
 
     python -m mmovseg_jax.predict --checkpoint MODEL_DIR --rgb tile.tif --sar tile_sar.tif \\
         --classes "water,road,forest" --out mask.png [--probabilities probs.npy] \\
-        [--overlay overlay.png] [--debug]
+        [--overlay overlay.png] [--sar-nodata zero|refuse] [--debug]
 
 Writes
   --out            the colour mask (fixed palette) with a legend panel (swatch + name per
@@ -15,8 +15,15 @@ RGB: PNG/JPEG/GeoTIFF, 3 or 4 bands (non-uint8 stretched to uint8 per image). SA
 band (or a grey image saved as RGB); non-uint8 values are backscatter in dB (or linear
 with --sar-units linear) mapped from --sar-db-range to 0..255.
 
-Errors (missing or unreadable file, RGB/SAR size mismatch, empty or duplicate class
-names, a folder that is not a model) print one line `error: ...` and exit with code 2
+No-data policy (--sar-nodata): SAR pixels that are NaN or inf, equal to the no-data
+value 0, or (--sar-units linear) not positive carry no backscatter. By default (`zero`)
+they become 0, the release's no-data value, after one `warning:` line on stderr counting
+them; `refuse` stops with an error instead. uint8 SAR is display-scaled and used as is.
+Non-finite pixels of a float RGB image become 0 after a `warning:` line.
+
+Errors (missing or unreadable file, corrupt or truncated image, RGB/SAR size mismatch,
+wrong band count or dtype, empty or duplicate class names, a folder that is not an
+MM-OVSeg model or misses parameters) print one line `error: ...` and exit with code 2
 (--debug: the traceback). Outputs are written to temporary files and renamed into place
 only once all of them are ready, so a failed run writes nothing.
 """
@@ -64,15 +71,41 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
+NODATA_POLICIES = ("zero", "refuse")
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 optical image."""
-    return imageio.to_uint8_rgb(imageio.read_image(path), path)
+    """(H, W, 3) uint8 optical image; non-finite float pixels become 0 after a warning."""
+    raw = imageio.read_image(path)
+    if raw.ndim == 3 and np.issubdtype(raw.dtype, np.floating):
+        bad = int((~np.isfinite(raw[..., :3]).all(axis=-1)).sum())
+        if bad:
+            warn(f"--rgb {path}: {bad} of {raw.shape[0] * raw.shape[1]} pixels are NaN or inf; they are set to 0")
+    return imageio.to_uint8_rgb(raw, path)
 
 
-def read_sar(path: Path, units: str, db_range: tuple[float, float]) -> np.ndarray:
-    """(H, W) uint8 SAR image."""
+def read_sar(path: Path, units: str, db_range: tuple[float, float], nodata: str = "zero") -> np.ndarray:
+    """(H, W) uint8 SAR image. Non-uint8 pixels without backscatter (NaN, inf, the no-data
+    value 0, linear <= 0) become 0 after a warning (nodata="zero") or raise ValueError
+    naming the file and their count (nodata="refuse")."""
+    if nodata not in NODATA_POLICIES:
+        raise ValueError(f"--sar-nodata must be one of {', '.join(NODATA_POLICIES)}, got {nodata!r}")
     band = imageio.sar_single_band(imageio.read_image(path), path)
-    image, _ = imageio.sar_to_uint8(band, path, db=units == "db", db_range=db_range)
+    image, valid = imageio.sar_to_uint8(band, path, db=units == "db", db_range=db_range)
+    if band.dtype != np.uint8 and not valid.all():
+        values = band[..., 0] if band.ndim == 3 else band
+        nonfinite = int((~np.isfinite(values)).sum()) if np.issubdtype(values.dtype, np.floating) else 0
+        missing = int((~valid).sum())
+        what = (f"{missing} of {valid.size} pixels have no backscatter ({nonfinite} NaN/inf, "
+                f"{missing - nonfinite} no-data: 0" + (" or <= 0 linear" if units == "linear" else "") + ")")
+        if nodata == "refuse":
+            raise ValueError(f"{path}: {what}; refused by --sar-nodata refuse")
+        warn(f"--sar {path}: {what}; they are set to 0 (--sar-nodata refuse stops instead)")
     return image
 
 
@@ -161,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="units of non-uint8 SAR values (default dB)")
     p.add_argument("--sar-db-range", type=float, nargs=2, default=imageio.DEFAULT_DB_RANGE,
                    metavar=("LOW", "HIGH"), help="dB range mapped to 0..255 (default -25 5)")
+    p.add_argument("--sar-nodata", choices=NODATA_POLICIES, default="zero",
+                   help="SAR pixels that are NaN/inf/no-data: set to 0 with a warning (zero, default) "
+                        "or stop with an error (refuse)")
     p.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap (default 1/3)")
     p.add_argument("--no-global-view", action="store_true", help="no global view in the sliding window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
@@ -172,8 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Reads, checks, segments and writes; returns a summary. UsageError / FileNotFoundError /
     ValueError for bad inputs, raised before anything is written."""
-    from mmovseg_jax.inference import Segmenter, argmax_index
-
     classes = parse_classes(args.classes)
     if len(classes) > 256:
         raise UsageError(f"--classes: {len(classes)} classes, at most 256 fit the index PNG")
@@ -193,10 +227,12 @@ def run(args: argparse.Namespace) -> dict:
     rgb = _reading("--rgb", read_rgb, args.rgb)
     sar = None
     if args.sar is not None:
-        sar = _reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range))
+        sar = _reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range), args.sar_nodata)
         if sar.shape != rgb.shape[:2]:
             raise UsageError(f"--rgb {args.rgb} is {rgb.shape[0]}x{rgb.shape[1]} but --sar {args.sar} is "
                              f"{sar.shape[0]}x{sar.shape[1]}: the pair must have the same size")
+
+    from mmovseg_jax.inference import Segmenter, argmax_index  # after the input checks: they need no JAX
 
     t0 = time.perf_counter()
     if not args.checkpoint.is_dir():

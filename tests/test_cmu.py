@@ -62,7 +62,7 @@ def test_eight_devices_equal_one(tmp_path, loss):
 
 def test_fsdp_mesh_equals_one_device(tmp_path):
     """data 2 x fsdp 4 (parameters, optimiser state and teacher split) = one device."""
-    one = _run(tmp_path / "one", "--config.total_steps=3", devices=1)
+    _run(tmp_path / "one", "--config.total_steps=3", devices=1)
     fsdp = _run(tmp_path / "fsdp", "--config.total_steps=3", "--config.mesh.fsdp=4", "--config.mesh.shard_teacher=True",
                 "--config.mesh.rules=(('pos_embed', 'replicated'), ('fc1.kernel', 'None,fsdp'))", devices=8)
     assert "{'data': 2, 'fsdp': 4}" in fsdp.stdout

@@ -381,7 +381,7 @@ def test_pack_failure_leaves_nothing(folder_root, tmp_path):
     with pytest.raises(ValueError, match="b.tif"):
         pack(PairedFolder(folder_root), out, stream=io.StringIO())
     assert list(out.parent.iterdir()) == []
-    assert pack_main(["--layout", "folder", "--root", str(folder_root), "--out", str(out)]) == 1
+    assert pack_main(["--layout", "folder", "--root", str(folder_root), "--out", str(out)]) == 2
     assert list(out.parent.iterdir()) == []
 
 

@@ -140,3 +140,48 @@ def test_synthetic_default_learns(tmp_path):
     constant = max(100 * rows[c]["gt_pixels"] / total for c in seen) / len(seen)
     print(f"mIoU_seen {scores['mIoU_seen']:.1f} vs best constant {constant:.1f}")
     assert scores["mIoU_seen"] > constant + 15
+
+
+def _tensorboard_images(folder: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """tag -> [(step, (H, W, 3) uint8)] from the TFRecord event files in `folder`."""
+    import io
+    import struct
+
+    from PIL import Image
+    from tensorboardX.proto import event_pb2
+
+    images: dict = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    pixels = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)).convert("RGB"))
+                    images.setdefault(value.tag, []).append((event.step, pixels))
+    return images
+
+
+def test_example_predictions_in_tensorboard_and_nan_stop(tmp_path):
+    """Example images land in TensorBoard at the image steps; a NaN loss at step 3 stops
+    the DEF run with exit 1 and the step, after the step-2 checkpoint."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mmovseg_jax.main", "--config", "configs/def.py", f"--workdir={tmp_path}", *SMALL,
+         "--config.tensorboard=True", "--config.total_steps=4", "--config.checkpoint_every=2",
+         "--config.image_every=2", "--config.image_tiles=2", "--config.faults.inject_nan_at=3"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "NaN/inf at step 3" in result.stderr and "last good checkpoint is step 2" in result.stderr
+    images = _tensorboard_images(tmp_path / "tb")["examples/prediction"]
+    assert [step for step, _ in images] == [2]  # step 4 was never reached
+    grid = images[0][1]
+    tile = 128  # the synthetic test tiles (config.data.tile_size)
+    assert grid.shape == (2 * tile, 4 * tile, 3)
+    from mmovseg_jax.data import benchmarks
+
+    record = benchmarks.build_source("synthetic", "test", None, num_records=8, size=tile, seed=0)[0]
+    np.testing.assert_array_equal(grid[:tile, :tile], record["rgb"])  # first panel: the tile itself
+    assert len(np.unique(grid[:tile, 3 * tile:].reshape(-1, 3), axis=0)) <= 6  # prediction: palette colours

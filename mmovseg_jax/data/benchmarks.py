@@ -149,7 +149,8 @@ SETTINGS: dict[str, Setting] = {
 
 
 def build_source(setting: Setting | str, split: str, root: PathLike | None = None, *, skip_unpaired: bool = False,
-                 num_records: int = 64, size: int = 96, seed: int = 0, cache: bool = False) -> Any:
+                 num_records: int = 64, size: int = 96, seed: int = 0, cache: bool = False,
+                 skip_bad_samples: bool = False) -> Any:
     """Grain random-access source of labelled records of `setting`'s `split` ("train"/"test").
 
     Prepared layouts read `root/dataset/split/...` (`PreparedFolder`); a missing folder
@@ -157,6 +158,8 @@ def build_source(setting: Setting | str, split: str, root: PathLike | None = Non
     `num_records` scenes of `size` px (train seed `seed`, test seed `seed + 1`; kept in
     memory once rendered with `cache`), with
     labels in the split's class order (unseen classes 255 in training).
+    skip_bad_samples: prepared layouts replace unreadable samples by the next readable
+    one and count them in `source.skipped` (see `layouts`), instead of raising.
     Records: rgb (H, W, 3) uint8, sar (H, W) uint8, valid (H, W) bool, label (H, W) uint8
     (values index `setting.classes(split)`, 255 ignore), index int64.
     """
@@ -180,4 +183,4 @@ def build_source(setting: Setting | str, split: str, root: PathLike | None = Non
     if not dataset.is_dir():
         raise ValueError(f"{setting.name} {split}: missing folder {dataset}")
     return seg.PreparedFolder(dataset, folders.split, folders.rgb_dir, folders.sar_dir, folders.label_dir, classes,
-                              skip_unpaired=skip_unpaired)
+                              skip_unpaired=skip_unpaired, skip_bad_samples=skip_bad_samples)

@@ -12,6 +12,15 @@ returning the canonical record:
 Samples are sorted by their pairing key (file stem), so indices are stable across runs.
 The pixel conventions (percentile stretch, dB mapping) are those of `imageio`.
 Sources hold only paths and settings, so they pickle into Grain worker processes.
+
+Bad samples (a missing, corrupt or truncated file, files of different sizes, a wrong
+band count or dtype, label values outside the class list) raise ValueError or OSError
+naming the file. With `skip_bad_samples=True` the file-backed sources instead serve the
+next readable sample (index order, wrapping), warn once per bad sample, and count:
+`source.skipped` is the number of requests answered by a replacement (each bad sample
+once per epoch), `source.bad_samples` maps each bad sample's key to the reason and
+`source.skip_report()` gives one summary line. The counts are those of this process
+(a Grain worker process counts in its own copy of the source).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import bisect
 import operator
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,23 +61,82 @@ class Sample:
 
 
 class _FileSource:
-    """Base of the file-backed sources: len / getitem over a list of `Sample`s."""
+    """Base of the file-backed sources: len / getitem over a list of `Sample`s.
+
+    skip_bad_samples: False raises the error of a bad sample (naming its file); True
+    replaces it by the next readable sample and counts it (see the module docstring).
+    """
 
     keys: tuple[str, ...] = ("rgb", "sar", "valid")
 
-    def __init__(self, samples: list[Sample], where: PathLike):
+    def __init__(self, samples: list[Sample], where: PathLike, *, skip_bad_samples: bool = False):
         if not samples:
             raise ValueError(f"{where}: no optical/SAR pairs found")
         self.samples = samples
+        self.where = str(where)
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self.skipped = 0  # requests answered by a replacement for a bad sample
+        self.bad_samples: dict[str, str] = {}  # key -> reason (one line naming the file)
+        self._bad_indices: set[int] = set()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: SupportsIndex) -> Record:
         i = _normalise_index(index, len(self))
-        record = self._load(self.samples[i])
+        if not self.skip_bad_samples:
+            record = self._load(self.samples[i])
+        else:
+            i, record = self._load_or_replace(i)
         record["index"] = np.int64(i)
         return record
+
+    def _load_or_replace(self, i: int) -> tuple[int, Record]:
+        """(index, record) of sample i, or of the next readable one if i is bad."""
+        n = len(self)
+        for step in range(n):
+            j = (i + step) % n
+            if j in self._bad_indices:
+                if step == 0:
+                    self._count_skip()
+                continue
+            try:
+                return j, self._load(self.samples[j])
+            except (ValueError, OSError) as e:
+                self._mark_bad(j, e)
+                if step == 0:
+                    self._count_skip()
+        raise ValueError(f"{self.where}: all {n} samples are bad; first: {next(iter(self.bad_samples.values()))}")
+
+    def _count_skip(self) -> None:
+        with self._lock:
+            self.skipped += 1
+
+    def _mark_bad(self, j: int, error: BaseException) -> None:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        with self._lock:
+            new = j not in self._bad_indices
+            self._bad_indices.add(j)
+            self.bad_samples[self.samples[j].key] = reason
+        if new:
+            warnings.warn(f"skipping bad sample {self.samples[j].key!r}: {reason}", stacklevel=4)
+
+    def skip_report(self) -> str | None:
+        """One line `skipped N bad sample request(s) (K distinct: names...)`, None if none."""
+        if not self.skipped:
+            return None
+        return (f"{self.where}: skipped {self.skipped} bad sample request(s) ({len(self.bad_samples)} distinct: "
+                f"{_listing(sorted(self.bad_samples))})")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)  # locks do not pickle; each process gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def name(self, index: SupportsIndex) -> str:
         """The pairing key (file stem) of sample `index`."""
@@ -91,11 +160,14 @@ class PairedFolder(_FileSource):
     `db_range` and `sar_nodata` (see `imageio.sar_to_uint8`).
     Files without a partner raise ValueError listing the first few, unless
     `skip_unpaired`, which skips them (counted in `num_unpaired`, reported as a warning).
+    A sample that cannot be read raises naming its file, unless `skip_bad_samples`
+    (replaced and counted in `skipped`, see the module docstring).
     """
 
     def __init__(self, root: PathLike, rgb_dir: str = "rgb", sar_dir: str = "sar", label_dir: str | None = None, *,
                  skip_unpaired: bool = False, sar_db: bool = True,
-                 db_range: tuple[float, float] = DEFAULT_DB_RANGE, sar_nodata: float | None = None):
+                 db_range: tuple[float, float] = DEFAULT_DB_RANGE, sar_nodata: float | None = None,
+                 skip_bad_samples: bool = False):
         self.root = Path(root)
         self.sar_db, self.db_range, self.sar_nodata = sar_db, tuple(db_range), sar_nodata
         folders = {"rgb": self.root / rgb_dir, "sar": self.root / sar_dir}
@@ -106,7 +178,7 @@ class PairedFolder(_FileSource):
         keys, self.num_unpaired = pair_keys(files, where=self.root, skip_unpaired=skip_unpaired)
         samples = [Sample(k, files["rgb"][k], files["sar"][k], files["label"][k] if "label" in files else None)
                    for k in keys]
-        super().__init__(samples, self.root)
+        super().__init__(samples, self.root, skip_bad_samples=skip_bad_samples)
 
     def _load(self, sample: Sample) -> Record:
         arrays = {sample.rgb: read_image(sample.rgb), sample.sar: sar_single_band(read_image(sample.sar), sample.sar)}
@@ -135,10 +207,10 @@ class DFC2023(PairedFolder):
 
     def __init__(self, root: PathLike, split: str = "train", *, sar_db: bool = False,
                  db_range: tuple[float, float] = DEFAULT_DB_RANGE, nodata: float | None = None,
-                 skip_unpaired: bool = False):
+                 skip_unpaired: bool = False, skip_bad_samples: bool = False):
         self.split = split
         super().__init__(Path(root) / split, "rgb", "sar", skip_unpaired=skip_unpaired, sar_db=sar_db,
-                         db_range=db_range, sar_nodata=nodata)
+                         db_range=db_range, sar_nodata=nodata, skip_bad_samples=skip_bad_samples)
 
 
 class SpaceNet6(_FileSource):
@@ -164,7 +236,7 @@ class SpaceNet6(_FileSource):
 
     def __init__(self, root: PathLike, split_dir: str = "train/AOI_11_Rotterdam", sar_band: str = "HH",
                  db_range: tuple[float, float] = SN6_DB_RANGE, rotate_by_orientation: bool = True, *,
-                 skip_unpaired: bool = False):
+                 skip_unpaired: bool = False, skip_bad_samples: bool = False):
         if sar_band.upper() not in SN6_BANDS:
             raise ValueError(f"sar_band must be one of {', '.join(SN6_BANDS)}, got {sar_band!r}")
         self.root = Path(root) / split_dir
@@ -175,7 +247,7 @@ class SpaceNet6(_FileSource):
         keys, self.num_unpaired = pair_keys(files, where=self.root, skip_unpaired=skip_unpaired)
         flags = self._orientations(keys) if rotate_by_orientation else {}
         samples = [Sample(k, files["rgb"][k], files["sar"][k], rotate=flags.get(sn6_strip(k), 0) == 1) for k in keys]
-        super().__init__(samples, self.root)
+        super().__init__(samples, self.root, skip_bad_samples=skip_bad_samples)
 
     def _orientations(self, keys: list[str]) -> dict[str, int]:
         path = self.root / "SummaryData" / "SAR_orientations.txt"
@@ -231,6 +303,16 @@ class ConcatSource:
         record = dict(self.sources[k][i - self.offsets[k]])
         record["index"] = np.int64(i)
         return record
+
+    @property
+    def skipped(self) -> int:
+        """Bad-sample requests replaced by the member sources (0 for sources that do not skip)."""
+        return sum(getattr(s, "skipped", 0) for s in self.sources)
+
+    def skip_report(self) -> str | None:
+        """The members' skip reports, joined on one line; None if nothing was skipped."""
+        reports = [r for s in self.sources if (r := getattr(s, "skip_report", lambda: None)())]
+        return "; ".join(reports) or None
 
     def __repr__(self) -> str:
         return f"ConcatSource({', '.join(map(repr, self.sources))})"

@@ -13,6 +13,8 @@ are mapped through a lookup table (identity for the authors' prepared copies); a
 value that is neither a class id nor 255, or that the map does not list, raises
 ValueError naming the label file and the offending values. RGB, SAR and label files of
 different sizes raise ValueError naming the files (`layouts.check_same_size`).
+With `skip_bad_samples=True` such a sample is replaced by the next readable one and
+counted in `reader.skipped` (`layouts` module docstring).
 Readers hold only paths and settings, so they pickle into Grain worker processes.
 """
 
@@ -71,6 +73,21 @@ def apply_label_lut(label: np.ndarray, lut: np.ndarray, path: PathLike, classes:
     return mapped.astype(np.uint8)
 
 
+def check_classes(classes: Sequence[str]) -> tuple[str, ...]:
+    """The class names as a tuple; ValueError for an empty list, empty or duplicate names."""
+    if isinstance(classes, str):
+        raise ValueError(f"classes must be a sequence of names, got the string {classes!r}")
+    names = tuple(classes)
+    if not any(isinstance(c, str) and c.strip() for c in names):
+        raise ValueError("the class list is empty")
+    if any(not isinstance(c, str) or not c.strip() for c in names):
+        raise ValueError(f"empty class name in {list(names)!r}")
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise ValueError(f"duplicate class names: {', '.join(dupes)}")
+    return names
+
+
 def _require_folders(root: Path, *dirs: str) -> None:
     missing = [str(root / d) for d in dirs if not (root / d).is_dir()]
     if missing:
@@ -85,15 +102,19 @@ class LabelledFolder(PairedFolder):
 
     Layout `root/{rgb_dir,sar_dir,label_dir}/<name>.<ext>` (same stem, extensions may
     differ). `label_map` maps raw file values to label values (see `label_lut`).
-    A missing folder raises ValueError naming it.
+    A missing folder raises ValueError naming it; an empty or duplicate class list too.
+    skip_bad_samples: replace unreadable samples (bad label values included) by the
+    next readable one, counted in `skipped`, instead of raising.
     """
 
     def __init__(self, root: PathLike, rgb_dir: str, sar_dir: str, label_dir: str, classes: Sequence[str], *,
-                 label_map: Mapping[int, int] | None = None, skip_unpaired: bool = False, **sar_options: Any):
+                 label_map: Mapping[int, int] | None = None, skip_unpaired: bool = False,
+                 skip_bad_samples: bool = False, **sar_options: Any):
         _require_folders(Path(root), rgb_dir, sar_dir, label_dir)
-        self.classes = tuple(classes)
+        self.classes = check_classes(classes)
         self.lut = label_lut(len(self.classes), label_map)
-        super().__init__(root, rgb_dir, sar_dir, label_dir, skip_unpaired=skip_unpaired, **sar_options)
+        super().__init__(root, rgb_dir, sar_dir, label_dir, skip_unpaired=skip_unpaired,
+                         skip_bad_samples=skip_bad_samples, **sar_options)
 
     def _load(self, sample: Sample) -> Record:
         record = super()._load(sample)
@@ -113,9 +134,10 @@ class PreparedFolder(LabelledFolder):
     """
 
     def __init__(self, root: PathLike, split: str, rgb_dir: str, sar_dir: str, label_dir: str,
-                 classes: Sequence[str], *, skip_unpaired: bool = False):
+                 classes: Sequence[str], *, skip_unpaired: bool = False, skip_bad_samples: bool = False):
         self.split = split
-        super().__init__(Path(root) / split, rgb_dir, sar_dir, label_dir, classes, skip_unpaired=skip_unpaired)
+        super().__init__(Path(root) / split, rgb_dir, sar_dir, label_dir, classes, skip_unpaired=skip_unpaired,
+                         skip_bad_samples=skip_bad_samples)
 
 
 class OpenEarthMapSAR(LabelledFolder):
@@ -128,10 +150,11 @@ class OpenEarthMapSAR(LabelledFolder):
 
     LABEL_MAP = {0: IGNORE_LABEL, **{v: v - 1 for v in range(1, 9)}}
 
-    def __init__(self, root: PathLike, split: str = "train", *, skip_unpaired: bool = False):
+    def __init__(self, root: PathLike, split: str = "train", *, skip_unpaired: bool = False,
+                 skip_bad_samples: bool = False):
         self.split = split
         super().__init__(Path(root) / split, "rgb_images", "sar_images", "labels", OEM_CLASSES,
-                         label_map=self.LABEL_MAP, skip_unpaired=skip_unpaired)
+                         label_map=self.LABEL_MAP, skip_unpaired=skip_unpaired, skip_bad_samples=skip_bad_samples)
 
 
 class PieRgbSar(LabelledFolder):
@@ -143,12 +166,14 @@ class PieRgbSar(LabelledFolder):
     SAR that is not uint8 is mapped as dB by `imageio.sar_to_uint8` (`sar_options`).
     """
 
-    def __init__(self, root: PathLike, split: str = "train", *, skip_unpaired: bool = False, **sar_options: Any):
+    def __init__(self, root: PathLike, split: str = "train", *, skip_unpaired: bool = False,
+                 skip_bad_samples: bool = False, **sar_options: Any):
         self.split = split
         list_file = Path(root) / f"{split}.txt"
         if not list_file.is_file():
             raise ValueError(f"{list_file}: split list not found")
-        super().__init__(root, "rgb", "sar", "label", PIE_CLASSES, skip_unpaired=skip_unpaired, **sar_options)
+        super().__init__(root, "rgb", "sar", "label", PIE_CLASSES, skip_unpaired=skip_unpaired,
+                         skip_bad_samples=skip_bad_samples, **sar_options)
         names = [_strip_ext(line.strip()) for line in list_file.read_text().splitlines() if line.strip()]
         by_key = {s.key: s for s in self.samples}
         missing = [n for n in names if n not in by_key]
@@ -171,10 +196,10 @@ class DDHR(LabelledFolder):
 
     def __init__(self, root: PathLike, region: str = "korea", subdir: str = "256_cloud", *,
                  classes: Sequence[str] = DDSK_CLASSES, label_map: Mapping[int, int] | None = None,
-                 skip_unpaired: bool = False):
+                 skip_unpaired: bool = False, skip_bad_samples: bool = False):
         self.region = region
         super().__init__(Path(root) / region / subdir, "GF2", "GF3", "label", classes, label_map=label_map,
-                         skip_unpaired=skip_unpaired)
+                         skip_unpaired=skip_unpaired, skip_bad_samples=skip_bad_samples)
 
 
 class Relabelled:

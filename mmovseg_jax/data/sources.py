@@ -30,6 +30,17 @@ class Subset:
     def __getitem__(self, i: int) -> dict:
         return self.base[self.indices[i]]
 
+    @property
+    def skipped(self) -> int:
+        """The base source's count of bad-sample requests it replaced (shared by every
+        Subset of that base; 0 for sources that do not skip)."""
+        return getattr(self.base, "skipped", 0)
+
+    def skip_report(self) -> str | None:
+        """The base source's one-line skip summary, None if nothing was skipped."""
+        report = getattr(self.base, "skip_report", None)
+        return report() if report else None
+
 
 def _require(value: str, field: str) -> str:
     if not value:
@@ -38,24 +49,28 @@ def _require(value: str, field: str) -> str:
 
 
 def build(data: ml_collections.ConfigDict, seed: int) -> Any:
-    """The whole source named by config.data.source."""
+    """The whole source named by config.data.source. File-backed sources replace unreadable
+    samples (counted in `.skipped`) when config.data.skip_bad_samples is True (absent: False)."""
     from mmovseg_jax.data import layouts
 
     kind = data.source
+    skip = {"skip_bad_samples": bool(data.get("skip_bad_samples", False))}
     if kind == "synthetic":
         from mmovseg_jax.data.synthetic import SyntheticPairs
 
         return SyntheticPairs(data.num_records, data.tile_size, seed, cache=data.get("cache", False))
     if kind == "folder":
-        return layouts.PairedFolder(_require(data.root, "root"))
+        return layouts.PairedFolder(_require(data.root, "root"), **skip)
     if kind == "spacenet6":
-        return layouts.SpaceNet6(_require(data.spacenet6_root, "spacenet6_root"), sar_band=data.spacenet6_band)
+        return layouts.SpaceNet6(_require(data.spacenet6_root, "spacenet6_root"), sar_band=data.spacenet6_band,
+                                 **skip)
     if kind == "dfc2023":
-        return layouts.DFC2023(_require(data.dfc2023_root, "dfc2023_root"), split=data.dfc2023_split)
+        return layouts.DFC2023(_require(data.dfc2023_root, "dfc2023_root"), split=data.dfc2023_split, **skip)
     if kind == "cmu":
         return layouts.ConcatSource(
-            layouts.SpaceNet6(_require(data.spacenet6_root, "spacenet6_root"), sar_band=data.spacenet6_band),
-            layouts.DFC2023(_require(data.dfc2023_root, "dfc2023_root"), split=data.dfc2023_split))
+            layouts.SpaceNet6(_require(data.spacenet6_root, "spacenet6_root"), sar_band=data.spacenet6_band,
+                              **skip),
+            layouts.DFC2023(_require(data.dfc2023_root, "dfc2023_root"), split=data.dfc2023_split, **skip))
     if kind == "arrayrecord":
         from mmovseg_jax.data.arrayrecord import ArrayRecordPairs
 

@@ -29,6 +29,9 @@ class VisionConfig:
     image_size: int = 224
     layer_norm_eps: float = 1e-5
     activation: str = "quick_gelu"
+    # Attention kernel of the vision blocks: "xla" (exact, default), "cudnn" or "auto"
+    # (see layers.attention); the text tower always uses "xla".
+    attention: str = "xla"
 
     @property
     def grid(self) -> int:
@@ -91,7 +94,8 @@ class VisionOutput(NamedTuple):
 
 def _blocks(cfg, dtype, rngs) -> nnx.List:
     return nnx.List([layers.Block(cfg.width, cfg.num_heads, cfg.mlp_dim, eps=cfg.layer_norm_eps,
-                                  activation=cfg.activation, dtype=dtype, rngs=rngs)
+                                  activation=cfg.activation, dtype=dtype,
+                                  attention=getattr(cfg, "attention", "xla"), rngs=rngs)
                      for _ in range(cfg.depth)])
 
 

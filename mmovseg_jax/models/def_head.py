@@ -57,6 +57,12 @@ def _normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def cosine_cost(features: jax.Array, text: jax.Array) -> jax.Array:
+    """The head's raw cost volume: cosine similarity of every pixel with every class
+    prompt. features (B, H, W, E), text (T, P, E) -> (B, T, H, W, P) float32 in [-1, 1]."""
+    return jnp.einsum("bhwe,tpe->bthwp", _normalize(features.astype(jnp.float32)), _normalize(text))
+
+
 class DoubleConv(nnx.Module):
     """(3x3 conv, no bias -> GroupNorm(C/16) -> ReLU) x 2."""
 
@@ -119,7 +125,7 @@ class Head(nnx.Module):
 
     def _embed_cost(self, conv: nnx.Conv, features: jax.Array, text: jax.Array) -> jax.Array:
         """features (B, H, W, E), text (T, P, E) -> conv(cost) (B, T, H, W, hidden) before any activation."""
-        cost = jnp.einsum("bhwe,tpe->bthwp", _normalize(features.astype(jnp.float32)), _normalize(text))
+        cost = cosine_cost(features, text)
         b, t, h, w, p = cost.shape
         return conv(cost.reshape(b * t, h, w, p)).astype(jnp.float32).reshape(b, t, h, w, -1)
 

@@ -34,6 +34,9 @@ class Config:
     # scale factor (g + 0.1) / n, which the MM-OVSeg release uses.
     pos_interpolation: str = "size"
     dtype: str = "float32"
+    # Attention kernel: "xla" (exact, default), "cudnn" (flash attention on padded tokens,
+    # GPU, bf16) or "auto" (cudnn on a GPU in bf16/fp16, else xla); see layers.attention.
+    attention: str = "xla"
 
     @property
     def grid(self) -> int:
@@ -67,7 +70,8 @@ class Model(nnx.Module):
         self.pos_embed = nnx.Param(init(rngs.params(), (config.grid ** 2 + 1, config.width)))
         self.blocks = nnx.List([
             layers.Block(config.width, config.num_heads, config.mlp_dim, eps=config.layer_norm_eps,
-                         activation="gelu", qkv_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+                         activation="gelu", qkv_bias=config.qkv_bias, dtype=dtype,
+                         attention=config.attention, rngs=rngs)
             for _ in range(config.depth)])
         self.norm = layers.LayerNorm(config.width, config.layer_norm_eps, rngs=rngs)
 

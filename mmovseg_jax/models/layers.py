@@ -50,17 +50,80 @@ def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True) -> 
     return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+# cuDNN's fused (flash) attention refuses ViT token counts such as 197 or 577 for training;
+# tokens are padded up to a multiple of this and the padding keys masked out.
+CUDNN_PAD_MULTIPLE = 64
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_attention(implementation: str, dtype=jnp.float32) -> str:
+    """"xla" or "cudnn" for a configured attention implementation.
+
+    "auto" is "cudnn" when JAX's default backend is a GPU and the compute dtype is
+    bfloat16/float16, else "xla" (float32 models keep exact XLA attention everywhere).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF else "xla"
+    return implementation
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                     implementation: str = "cudnn", multiple: int = CUDNN_PAD_MULTIPLE) -> jax.Array:
+    """Self-attention over tokens zero-padded to a multiple of `multiple`, padding keys masked.
+
+    q, k, v: (B, T, heads, head_dim) -> (B, T, heads, head_dim) in q's dtype. The keys
+    beyond T are excluded through `key_value_seq_lengths`; the padded query rows are
+    computed and dropped, so values and gradients equal unpadded attention. With
+    implementation="cudnn" (cuDNN flash attention, GPU only) inputs that are not
+    bfloat16/float16 are cast to bfloat16 (an approximation). implementation="xla"
+    runs the same padded, masked formulation with XLA (used to test it on any device).
+    """
+    b, t = q.shape[:2]
+    padded = -(-t // multiple) * multiple
+    out_dtype = q.dtype
+    if implementation == "cudnn" and q.dtype not in _HALF:
+        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    if padded != t:
+        widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    lengths = jnp.full((b,), t, jnp.int32)
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+    return y[:, :t].astype(out_dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+              implementation: str = "xla") -> jax.Array:
+    """Multi-head self-attention, (B, T, heads, head_dim) each -> (B, T, heads, head_dim).
+
+    implementation: "xla" (XLA's softmax(QK^T)V, exact), "cudnn" (cuDNN flash attention on
+    tokens padded to a multiple of CUDNN_PAD_MULTIPLE, see `padded_attention`) or "auto"
+    (see `resolve_attention`).
+    """
+    if resolve_attention(implementation, q.dtype) == "cudnn":
+        return padded_attention(q, k, v, causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with separate query/key/value/out projections.
 
     Separate projections (rather than one fused qkv matrix) let an optimiser select,
-    say, only the query and value weights for fine-tuning.
+    say, only the query and value weights for fine-tuning. `implementation` picks the
+    attention kernel ("xla", "cudnn" or "auto"; see `attention`).
     """
 
-    def __init__(self, width: int, num_heads: int, *, qkv_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, *, qkv_bias: bool = True, dtype=jnp.float32,
+                 implementation: str = "xla", rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        resolve_attention(implementation)  # validates the name
         self.num_heads = num_heads
+        self.implementation = implementation
         self.query = _linear(width, width, dtype, rngs, qkv_bias)
         self.key = _linear(width, width, dtype, rngs, qkv_bias)
         self.value = _linear(width, width, dtype, rngs, qkv_bias)
@@ -73,7 +136,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
         """x: (B, T, D) -> (B, T, D)."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        y = attention(q, k, v, causal=causal, implementation=self.implementation)
         return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -95,9 +158,10 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x))."""
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float, activation: str,
-                 qkv_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+                 qkv_bias: bool = True, dtype=jnp.float32, attention: str = "xla", rngs: nnx.Rngs):
         self.norm1 = LayerNorm(width, eps, rngs=rngs)
-        self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, dtype=dtype, implementation=attention,
+                              rngs=rngs)
         self.norm2 = LayerNorm(width, eps, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, activation, dtype=dtype, rngs=rngs)
 

@@ -1,6 +1,6 @@
 """On-disk form of a converted encoder: a folder holding
 
-    model.json   {"family": "dino" | "clip" | "mmovseg", "config": {...}, "source": {...}}
+    model.json   {"family": "dino" | "dinov3" | "clip" | "mmovseg", "config": {...}, "source": {...}}
     params/      Orbax checkpoint of the parameters (nested dict, float32)
     extras.npz   tensors of the source checkpoint that are not part of the
                  architecture (a pooler, a DINO projection head, position-id
@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mmovseg_jax.models import clip, dino, params
+from mmovseg_jax.models import clip, dino, dinov3, params
 
 FORMAT_VERSION = 1
 
@@ -33,6 +33,7 @@ def _families() -> dict[str, tuple[type, Any]]:
 
     return {"dino": (dino.Model, lambda d: dino.Config(**d)),
             "clip": (clip.Model, clip.Config.from_dict),
+            "dinov3": (dinov3.Model, dinov3.Config.from_dict),
             "mmovseg": (mmovseg.Model, mmovseg.Config.from_dict)}
 
 
@@ -135,12 +136,27 @@ def read(folder: str | os.PathLike) -> Stored:
     return Stored(meta["family"], config, _flatten(restored), meta.get("source", {}), extras)
 
 
-def load_model(folder: str | os.PathLike, expect_family: str | None = None, dtype: str | None = None) -> nnx.Module:
-    """Builds the model stored in `folder` with its parameters; `dtype` overrides the compute dtype."""
+def with_attention(config: Any, attention: str) -> Any:
+    """`config` (a DINO, DINOv3, CLIP or MM-OVSeg config) with every vision encoder's
+    attention kernel set to `attention` ("xla" | "cudnn" | "auto", see layers.attention).
+    CLIP's text tower keeps XLA attention."""
+    if hasattr(config, "vision"):  # CLIP
+        return dataclasses.replace(config, vision=dataclasses.replace(config.vision, attention=attention))
+    if hasattr(config, "clip") and hasattr(config, "dino"):  # the MM-OVSeg model
+        return dataclasses.replace(config, clip=with_attention(config.clip, attention),
+                                   dino=with_attention(config.dino, attention))
+    return dataclasses.replace(config, attention=attention)
+
+
+def load_model(folder: str | os.PathLike, expect_family: str | None = None, dtype: str | None = None,
+               attention: str | None = None) -> nnx.Module:
+    """Builds the model stored in `folder` with its parameters; `dtype` overrides the compute
+    dtype, `attention` the vision encoders' attention kernel."""
     stored = read(folder)
     if expect_family and stored.family != expect_family:
         raise ValueError(f"{folder} holds a {stored.family} model, not {expect_family}")
     config = stored.config if dtype is None else dataclasses.replace(stored.config, dtype=dtype)
+    config = config if attention is None else with_attention(config, attention)
     model = build_abstract(stored.family, config)
     params.set_params(model, stored.params, f"{folder}/params")
     return model

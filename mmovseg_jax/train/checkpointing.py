@@ -6,10 +6,14 @@ batches consumed, as JSON). Orbax writes a step under a temporary name and renam
 when complete, so an interrupted save never shadows the last complete checkpoint.
 `restore` places the arrays on the shardings of the state it is given, so a checkpoint
 saved on one mesh (say 2 processes x 4 devices) restores on another (1 x 8, or 4).
+A save that fails (a full disk, a file-size limit) raises CheckpointError naming the step,
+the folder and the last complete checkpoint, which it leaves intact; leftovers of an
+interrupted save are removed when the next run opens the folder.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +21,45 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written."""
+
+
 class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 2, save_every: int = 0):
+        self.directory = Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
-            Path(workdir).absolute() / "checkpoints",
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                                 save_interval_steps=max(save_every, 1)))
+                                                 save_interval_steps=max(save_every, 1),
+                                                 cleanup_tmp_directories=True))
+        self._saving: int | None = None  # the step of the save in flight
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _failed(self, step: int | None, error: Exception) -> CheckpointError:
+        complete = [s for s in self.manager.all_steps() if s != step]
+        last = f"step {max(complete)} ({self.directory / str(max(complete))}) is intact" if complete else \
+            "there is no earlier checkpoint"
+        text = " ".join(str(error).split())
+        os_error = re.search(r": ([A-Za-z][A-Za-z ]+) \[os_error_code='(\d+)'\]", text)  # TensorStore's form
+        reason = f"{os_error.group(1)}, errno {os_error.group(2)}" if os_error else f"{type(error).__name__}: {text[:200]}"
+        return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed ({reason}); {last}")
+
     def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
-        """Starts an asynchronous save (if `step` is due, or `force`); returns whether it saved."""
+        """Starts an asynchronous save (if `step` is due, or `force`); returns whether it saved.
+        A failure of this save or of the previous one raises CheckpointError."""
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             args["data"] = ocp.args.JsonSave(data_state)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore surface OS errors as various types
+            raise self._failed(self._saving if self._saving is not None else step, e) from e
+        if saved:
+            self._saving = step
+        return saved
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict | None]:
         """Restores `step` into the structure, shapes and shardings of `like`."""
@@ -56,6 +83,14 @@ class Checkpointer:
         print(f"resumed from {Path(self.manager.directory) / str(start)}", flush=True)
         return state, start, sources.start_batch(data_state, start)
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, quiet: bool = False) -> None:
+        """Waits for the save in flight; CheckpointError if it failed (unless `quiet`: while
+        another error is on its way up)."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            if not quiet:
+                raise self._failed(self._saving, e) from e
+        finally:
+            self.manager.close()

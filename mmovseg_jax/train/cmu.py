@@ -30,19 +30,44 @@ from jax.sharding import Mesh
 from mmovseg_jax import losses
 from mmovseg_jax.data import sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
-from mmovseg_jax.models import dino, params, storage
-from mmovseg_jax.train import optim, sharding
+from mmovseg_jax.models import dino, dinov3, params, storage
+from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
 from mmovseg_jax.train.reporting import Reporter
+
+
+class Dinov3Tokens(dinov3.Model):
+    """A DINOv3 ViT whose call returns CLS then patch tokens, registers dropped: the
+    (B, 1+N, D) layout CMU's embeddings read. Same parameters as dinov3.Model (saved and
+    loaded as family "dinov3")."""
+
+    def __call__(self, images: jax.Array, block_indices=(-1,), norm: bool = True) -> tuple[jax.Array, ...]:
+        r = self.config.num_register_tokens
+        return tuple(jnp.concatenate([x[:, :1], x[:, 1 + r:]], axis=1)
+                     for x in super().__call__(images, block_indices, norm))
+
+    def patch_tokens(self, images: jax.Array, block_indices) -> tuple[jax.Array, ...]:
+        """Normalised patch tokens (B, N, D) per requested block, as dinov3.Model's."""
+        return tuple(x[:, 1:] for x in self(images, block_indices, norm=True))
+
+
+def encoder_family(config) -> str:
+    """Storage family (and original checkpoint format) of a CMU encoder config: "dino" or "dinov3"."""
+    return "dinov3" if isinstance(config, dinov3.Config) else "dino"
+
+
+def encoder_class(config) -> type:
+    """The module CMU builds for an encoder config (DINO v1 or DINOv3)."""
+    return Dinov3Tokens if isinstance(config, dinov3.Config) else dino.Model
 
 
 class Aligner(nnx.Module):
     """What CMU trains: the SAR student ViT, optional per-block projection heads for each
     side, and the InfoNCE temperature when it is learned."""
 
-    def __init__(self, encoder: dino.Config, levels: int, projection_dim: int = 0, temperature: float = 0.1,
-                 learn_temperature: bool = False, *, rngs: nnx.Rngs):
-        self.student = dino.Model(encoder, rngs=rngs)
+    def __init__(self, encoder: dino.Config | dinov3.Config, levels: int, projection_dim: int = 0,
+                 temperature: float = 0.1, learn_temperature: bool = False, *, rngs: nnx.Rngs):
+        self.student = encoder_class(encoder)(encoder, rngs=rngs)
 
         def heads() -> nnx.List:
             return nnx.List([nnx.Linear(encoder.width, projection_dim, rngs=rngs)
@@ -105,7 +130,8 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
 
         def loss_fn(p):
             aligner = nnx.merge(aligner_def, jax.lax.with_sharding_constraint(p, gathered))
-            return alignment_loss(aligner, aligner.student(sar, blocks), teacher_tokens, config.loss, mesh)
+            loss = alignment_loss(aligner, aligner.student(sar, blocks), teacher_tokens, config.loss, mesh)
+            return loop.inject_nan(loss, state["step"], config.faults)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
@@ -114,7 +140,7 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
         metrics = {"loss": loss, "lr": lr(state["step"]), "grad_norm": optax.global_norm(grads)}
         if config.loss.learn_temperature:
             metrics["temperature"] = nnx.merge(aligner_def, new_params).temperature()
-        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        return loop.guard(state, new_params, opt_state, metrics, config.faults.on_nonfinite)
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
 
@@ -158,22 +184,36 @@ def retrieval(embed_fn, aligner_params, teacher_params, eval_batches, mesh: Mesh
             "chance_top1": 1 / n, "chance_top5": min(5 / n, 1.0)}
 
 
-def build_teacher(config: ml_collections.ConfigDict) -> dino.Model:
-    """The frozen RGB teacher: a converted checkpoint, or random weights of config.model."""
+def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The frozen RGB teacher: a converted DINO / DINOv3 checkpoint, or random weights of
+    config.model (config.model.family "v1" | "v3" picks the generation)."""
     if config.teacher_checkpoint:
-        return storage.load_model(config.teacher_checkpoint, expect_family="dino", dtype=config.model.dtype)
+        stored = storage.read(config.teacher_checkpoint)
+        if stored.family not in ("dino", "dinov3"):
+            raise ValueError(f"{config.teacher_checkpoint} holds a {stored.family} model, not dino or dinov3")
+        cfg = dataclasses.replace(stored.config, dtype=config.model.dtype, attention=config.model.attention)
+        teacher = nnx.eval_shape(lambda: encoder_class(cfg)(cfg, rngs=nnx.Rngs(0)))
+        params.set_params(teacher, stored.params, f"{config.teacher_checkpoint}/params")
+        return teacher
     if config.teacher_required:
         raise ValueError("config.teacher_checkpoint is empty: this setting starts from a pretrained DINO; convert "
                          "one with `python -m convert.to_flax dino_vitbase16_pretrain.pth OUT` and pass "
                          "--config.teacher_checkpoint=OUT (or --config.teacher_required=False for random weights)")
     m = config.model
+    family = m.get("family", "v1")
+    if family not in ("v1", "v3"):
+        raise ValueError(f"config.model.family: {family!r} is not 'v1' (DINO) or 'v3' (DINOv3)")
+    module = dinov3 if family == "v3" else dino
     if m.variant:
-        base = dino.VARIANTS[m.variant]
+        if m.variant not in module.VARIANTS:
+            raise ValueError(f"config.model.variant: {m.variant!r} is not one of {sorted(module.VARIANTS)} "
+                             f"(family {family})")
+        base = module.VARIANTS[m.variant]
     else:
-        base = dino.Config(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-                           mlp_dim=4 * m.width)
-    cfg = dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype)
-    return dino.Model(cfg, rngs=nnx.Rngs(config.seed))
+        base = module.Config(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+                             mlp_dim=4 * m.width)
+    cfg = dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=m.attention)
+    return encoder_class(cfg)(cfg, rngs=nnx.Rngs(config.seed))
 
 
 def _eval_batches(source, config) -> list[dict]:
@@ -187,6 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.global_batch_size, mesh)
+    loop.check_faults_config(config.faults)
     if not config.blocks:
         raise ValueError("config.blocks: give at least one block index")
 
@@ -204,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_def, teacher_params = nnx.split(teacher)
 
     tx, lr = optim.make(config.optimizer, config.total_steps)
-    state = {"params": aligner_params, "opt_state": tx.init(aligner_params), "step": jnp.zeros((), jnp.int32)}
+    state = loop.initial_state(aligner_params, tx.init(aligner_params))
     state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
     state = jax.device_put(state, state_shardings)
     teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh, config.mesh.rules)
@@ -233,18 +274,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             init_path.write_text(json.dumps(before, indent=2) + "\n")
 
     train_step = make_train_step(aligner_def, teacher_def, tx, lr, config, mesh, state_shardings)
-    for step in range(start + 1, config.total_steps + 1):
-        batch = next(train_iter)
-        state, metrics = train_step(state, teacher_params, sharding.to_global(
-            {"rgb": batch["rgb"], "sar": batch["sar"]}, mesh))
-        if step == start + 1:
-            jax.block_until_ready(metrics)
-            reporter.restart_clock(step)  # throughput and ETA without compilation
-        if step % config.log_every == 0 or step == config.total_steps:
-            reporter.log(step, jax.device_get(metrics), config.global_batch_size)
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-            checkpointer.save(step, state, sources.data_position(step), force=step == config.total_steps)
-    checkpointer.close()
+    state, stopped = loop.run_steps(
+        lambda s, batch: train_step(s, teacher_params, sharding.to_global(
+            {"rgb": batch["rgb"], "sar": batch["sar"]}, mesh)),
+        state, train_iter, start, config, checkpointer, reporter, config.global_batch_size, sources.data_position)
+    if stopped is not None:
+        reporter.close()
+        return {"stopped_at": stopped}
+    report = getattr(train_source, "skip_report", lambda: None)()
+    if report:
+        print(f"warning: {report}", flush=True)
 
     after = retrieval(embed_fn, state["params"], teacher_params, eval_batches, mesh)
     # Whole parameters on every host (a collective: every process takes part).
@@ -257,8 +296,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for name, r in (("initialisation", before), ("trained", after)):
             print(f"  {name:<15} top-1 {r['top1']:.3f}   top-5 {r['top5']:.3f}", flush=True)
         trained = nnx.merge(aligner_def, host_params)
-        export = storage.save(workdir / "sar_encoder", "dino", trained.student.config,
-                              params.flat_params(trained.student), source={"format": "dino", "style": {},
+        family = encoder_family(trained.student.config)
+        export = storage.save(workdir / "sar_encoder", family, trained.student.config,
+                              params.flat_params(trained.student), source={"format": family, "style": {},
                                                                            "trained_by": "mmovseg_jax CMU"})
         print(f"SAR encoder: {export} (to PyTorch: python -m convert.to_torch {export} sar_dino.pth)", flush=True)
         reporter.write({"step": config.total_steps, **{f"retrieval_{k}": v for k, v in after.items()

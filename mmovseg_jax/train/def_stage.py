@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+import sys
 from pathlib import Path
 
 import jax
@@ -30,15 +30,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmovseg_jax import segmentation_losses
+from mmovseg_jax import cli, segmentation_losses
 from mmovseg_jax.data import benchmarks, clouds, pipeline, seg_augment, sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
 from mmovseg_jax.evaluation import metrics
 from mmovseg_jax.inference import Segmenter
 from mmovseg_jax.models import mmovseg, params, storage, tokenizer
 from mmovseg_jax.ops import resize
-from mmovseg_jax.train import optim, sharding
+from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
+from mmovseg_jax.train.examples import ExampleImages
 from mmovseg_jax.train.reporting import Reporter
 
 CLIP_FINETUNE = ("qv", "full", "frozen")
@@ -61,7 +62,7 @@ def build_model(m: ml_collections.ConfigDict) -> tuple[mmovseg.Model, str]:
     with encoders from converted CLIP / DINO folders where given (random weights where not).
     """
     if m.checkpoint:
-        model = storage.load_model(m.checkpoint, expect_family="mmovseg", dtype=m.dtype)
+        model = storage.load_model(m.checkpoint, expect_family="mmovseg", dtype=m.dtype, attention=m.attention)
         if model.config.use_sar != m.use_sar:
             raise ValueError(f"config.model.use_sar={m.use_sar} but {m.checkpoint} has use_sar={model.config.use_sar}")
         return model, m.checkpoint
@@ -80,9 +81,10 @@ def build_model(m: ml_collections.ConfigDict) -> tuple[mmovseg.Model, str]:
     if m.clip_checkpoint:
         stored["clip"] = _load_encoder(m.clip_checkpoint, "clip")
         cfg = dataclasses.replace(cfg, clip=stored["clip"].config)
+    dino_family = "dinov3" if cfg.dino_family == "v3" else "dino"  # the variant's DINO generation
     for name in ("rgb_dino", "sar_dino"):
         if m[f"{name}_checkpoint"] and (name == "rgb_dino" or m.use_sar):
-            stored[name] = _load_encoder(m[f"{name}_checkpoint"], "dino")
+            stored[name] = _load_encoder(m[f"{name}_checkpoint"], dino_family)
     if stored.get("rgb_dino"):
         dino_cfg = stored["rgb_dino"].config
         if stored.get("sar_dino") and stored["sar_dino"].config != dino_cfg:
@@ -91,7 +93,7 @@ def build_model(m: ml_collections.ConfigDict) -> tuple[mmovseg.Model, str]:
         cfg = dataclasses.replace(cfg, dino=dino_cfg)
     elif stored.get("sar_dino"):
         cfg = dataclasses.replace(cfg, dino=stored["sar_dino"].config)
-    model = mmovseg.Model(cfg, rngs=nnx.Rngs(m.seed))
+    model = mmovseg.Model(storage.with_attention(cfg, m.attention), rngs=nnx.Rngs(m.seed))
     for name, s in stored.items():
         params.set_params(getattr(model, name), s.params, f"config.model.{name}_checkpoint")
     return model, (m.clip_checkpoint or str(tokenizer.BUNDLED_BPE))
@@ -164,15 +166,16 @@ def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: M
             model = nnx.merge(graphdef, jax.lax.with_sharding_constraint(trainable, gathered), frozen)
             logits = model(rgb, sar, tokens)
             logits = resize.resize_bilinear(logits, labels.shape[1:], axes=(2, 3))
-            return segmentation_losses.segmentation_loss(logits, labels, config.loss.kind,
+            loss = segmentation_losses.segmentation_loss(logits, labels, config.loss.kind,
                                                          release_ignore=config.loss.release_ignore)
+            return loop.inject_nan(loss, state["step"], config.faults)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         metrics_ = {"loss": loss, "lr": lr(state["step"]), "grad_norm": optax.global_norm(grads)}
-        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics_
+        return loop.guard(state, new_params, opt_state, metrics_, config.faults.on_nonfinite)
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
 
@@ -189,7 +192,9 @@ def score(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_
     acc = metrics.ConfusionAccumulator(len(classes))
     limit = len(source) if not config.eval.max_tiles else min(config.eval.max_tiles, len(source))
     mine = list(range(jax.process_index(), limit, jax.process_count()))
-    start, done, batch = time.time(), 0, config.eval.batch_size
+    done, batch = 0, config.eval.batch_size
+    progress = cli.Progress(len(mine), sys.stdout, every=10.0, label=what, unit="tiles") \
+        if jax.process_index() == 0 else None
     for i in range(0, len(mine), batch):
         records = [source[j] if transform is None else transform(source[j], j) for j in mine[i:i + batch]]
         sizes = {r["label"].shape for r in records}
@@ -201,10 +206,8 @@ def score(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_
         for r, p in zip(records, probs):
             acc.add(np.argmax(p, axis=0), r["label"])
         done += len(records)
-        if jax.process_index() == 0 and (done == len(mine) or (i // batch) % 10 == 0):
-            rate = done / max(time.time() - start, 1e-9)
-            print(f"{what}: {done}/{len(mine)} tiles, {rate:.1f} tiles/s, "
-                  f"ETA {(len(mine) - done) / max(rate, 1e-9):.0f}s", flush=True)
+        if progress is not None:
+            progress.update(done)
     total = np.asarray(multihost_utils.process_allgather(acc.matrix.astype(np.int64))).reshape(
         -1, len(classes), len(classes)).sum(axis=0) if jax.process_count() > 1 else acc.matrix
     scores = metrics.segmentation_scores(total, classes, seen=setting.seen)
@@ -229,7 +232,8 @@ def _source(config: ml_collections.ConfigDict, setting: benchmarks.Setting, spli
     """The labelled records of `split` (the synthetic world renders config.data/eval.num_records)."""
     count = config.data.num_records if split == "train" else config.eval.num_records
     return benchmarks.build_source(setting, split, config.data.root or None, num_records=count,
-                                   size=config.data.tile_size, seed=config.seed, cache=config.data.cache)
+                                   size=config.data.tile_size, seed=config.seed, cache=config.data.cache,
+                                   skip_bad_samples=config.data.skip_bad_samples)
 
 
 def export(model: mmovseg.Model, tokenizer_folder: str, workdir: Path, config) -> Path:
@@ -272,9 +276,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_source = _source(config, setting, "train")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.global_batch_size, mesh)
+    loop.check_faults_config(config.faults)
     graphdef, trainable, frozen = nnx.split(model, is_trainable(config.clip_finetune), ...)
     tx, lr = optim.make(config.optimizer, config.total_steps, param_groups(config.clip_lr_multiplier))
-    state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
+    state = loop.initial_state(trainable, tx.init(trainable))
     state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
     state = jax.device_put(state, state_shardings)
     frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, config.mesh.rules) if config.mesh.shard_frozen
@@ -302,18 +307,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reporter.truncate_after(start)
 
     train_step = make_train_step(graphdef, tx, lr, config, mesh, state_shardings)
-    for step in range(start + 1, config.total_steps + 1):
-        batch = next(train_iter)
-        state, step_metrics = train_step(state, frozen, sharding.to_global(
-            {k: batch[k] for k in ("rgb", "sar", "label")}, mesh), tokens)
-        if step == start + 1:
-            jax.block_until_ready(step_metrics)
-            reporter.restart_clock(step)
-        if step % config.log_every == 0 or step == config.total_steps:
-            reporter.log(step, jax.device_get(step_metrics), config.global_batch_size)
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-            checkpointer.save(step, state, sources.data_position(step), force=step == config.total_steps)
-    checkpointer.close()
+    examples = ExampleImages(graphdef, frozen, tok, setting, test_source, config, reporter)
+    state, stopped = loop.run_steps(
+        lambda s, batch: train_step(s, frozen, sharding.to_global(
+            {k: batch[k] for k in ("rgb", "sar", "label")}, mesh), tokens),
+        state, train_iter, start, config, checkpointer, reporter, config.global_batch_size, sources.data_position,
+        on_log=examples.maybe_write)
+    if stopped is not None:
+        reporter.close()
+        return {"stopped_at": stopped}
+    report = getattr(train_source, "skip_report", lambda: None)()
+    if report:
+        print(f"warning: {report}", flush=True)
 
     host_trainable = multihost_utils.process_allgather(state["params"], tiled=True)
     trained = nnx.merge(graphdef, host_trainable, jax.device_get(frozen))

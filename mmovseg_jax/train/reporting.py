@@ -1,4 +1,4 @@
-"""Progress lines, `metrics.jsonl` and TensorBoard scalars (written by process 0 only)."""
+"""Progress lines, `metrics.jsonl`, TensorBoard scalars and images (written by process 0 only)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Mapping
 
 import jax
+
+from mmovseg_jax.cli import bar
 
 
 def _format_eta(seconds: float) -> str:
@@ -54,7 +56,7 @@ class Reporter:
             eta = _format_eta(elapsed / done * (self.total_steps - step)) if rate else "?"
             extras = " | ".join(f"{k} {v:.4g}" for k, v in record.items()
                                 if k not in ("step", "loss", "lr", "examples_per_sec"))
-            print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record.get('lr', 0):.3g} | "
+            print(f"step {step}/{self.total_steps} {bar(step / max(self.total_steps, 1))} | loss {record['loss']:.4f} | lr {record.get('lr', 0):.3g} | "
                   f"{f'{rate:.1f}' if rate else '-'} pairs/s | ETA {eta}" + (f" | {extras}" if extras else ""),
                   flush=True)
             self.write(record)
@@ -70,6 +72,12 @@ class Reporter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def image(self, tag: str, image, step: int) -> None:
+        """An (H, W, 3) uint8 image to TensorBoard (process 0, when TensorBoard is on)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
             self.writer.flush()
 
     def close(self) -> None:

@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmark scripts at toy sizes (each run as a subprocess, as a user
+runs it), and checks of the shared FLOP and peak bookkeeping in benchmarks/common.py.
+
+benchmarks/infonce_memory.py and encoder_forward.py have theirs in test_losses.py and
+test_main_demo.py. Recorded tables go to temporary files, never to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def _run(args: list[str], timeout: float = 300) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cmu_step_tiny(tmp_path):
+    results, rows_json = tmp_path / "RESULTS.md", tmp_path / "cmu.json"
+    out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+                "--dtype", "float32", "--results", str(results), "--json", str(rows_json)])
+    assert "| impl | attention | size | batch | step ms | img/s | TFLOP/s | MFU |" in out
+    assert "| jax | xla | 32 | 4 |" in out and "failed" not in out
+    rows = json.loads(rows_json.read_text())["rows"]
+    jax_rows = [r for r in rows if r["impl"] == "jax"]
+    assert len(jax_rows) == 1 and jax_rows[0]["img/s"] > 0 and jax_rows[0]["compile s"] > 0
+    # The analytic count the TFLOP/s column uses: teacher forward + 3 x student forward.
+    tokens, d, depth = (32 // 16) ** 2 + 1, 32, 2
+    fwd = depth * (24 * d * d * tokens + 4 * tokens * tokens * d) + 2 * tokens * 3 * 16 * 16 * d
+    assert jax_rows[0]["analytic GFLOP/step"] == pytest.approx(4 * 4 * fwd / 1e9)
+    # On this machine PyTorch either is absent, has no CUDA, or ran the anchor beside us.
+    torch_info = json.loads(rows_json.read_text())["torch"]
+    if "skipped" in torch_info:
+        assert "torch:" in out
+    else:
+        assert "ratio ours / torch eager at 32 px, batch 4" in out
+    recorded = results.read_text()
+    assert "## cmu_step (tiny)" in recorded and "| jax | xla | 32 | 4 |" in recorded
+
+
+def test_def_step_toy_inference(tmp_path):
+    out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "inference", "--steps", "2", "--warmup",
+                "1", "--dtype", "float32", "--json", str(tmp_path / "def.json")])
+    assert "| mode | attention | size | batch | classes | step ms | tiles/s | TFLOP/s | MFU |" in out
+    assert "| inference | xla | 64 | 2 | 2 |" in out and "failed" not in out
+    (row,) = json.loads((tmp_path / "def.json").read_text())["rows"]
+    assert row["tiles/s"] > 0 and row["GFLOP/tile"] > 0 and row["MFU"] == "n/a"
+
+
+@pytest.mark.slow
+def test_def_step_toy_train():
+    out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "train", "--steps", "2", "--warmup", "1",
+                "--dtype", "float32"])
+    assert "| train | xla | 64 | 2 | 2 |" in out and "failed" not in out
+
+
+def test_input_pipeline_toy(tmp_path):
+    out = _run(["benchmarks/input_pipeline.py", "--records", "8", "--tile", "96", "--crop", "64", "--batch", "4",
+                "--batches", "2", "--warmup", "1", "--workers", "0", "--dir", str(tmp_path),
+                "--results", str(tmp_path / "R.md")])
+    assert "| format | workers | tile | crop | batch |" in out
+    assert "| arrayrecord | 0 | 96 | 64 | 4 |" in out and "| png | 0 | 96 | 64 | 4 |" in out
+    assert "failed" not in out
+    assert "## input_pipeline" in (tmp_path / "R.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # the data set was cleaned up
+
+
+def test_vit_flops_is_the_anchor_formula():
+    """ViT-B/16 at 224 and 384: the anchor's expression from shared/bench/torch_cmu_anchor.py."""
+    for size in (224, 384):
+        tokens, d = (size // 16) ** 2 + 1, 768
+        anchor = 12 * (24 * d * d * tokens + 4 * tokens * tokens * d) + 2 * tokens * 768 * 768
+        assert common.vit_forward_flops(tokens, d, 12, 3072, 16) == anchor
+    # 224 px: about 35 GFLOP per image forward (REFERENCE.md section 6).
+    assert 34e9 < common.vit_forward_flops(197, 768, 12, 3072, 16) < 36e9
+
+
+def test_peaks_and_mfu():
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert common.peak_tflops("NVIDIA H200") == 989.0
+    assert common.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert common.peak_tflops("NVIDIA A100-SXM4-80GB") is None
+    assert common.mfu_text(494.5, 989.0) == "50.0%"
+    assert common.mfu_text(10.0, None) == "n/a"
+    assert common.table(("a", "b"), [{"a": 1, "b": None}]) == "| a | b |\n|---|---|\n| 1 | - |"
