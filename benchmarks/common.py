@@ -28,14 +28,9 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def initial_state(params: Any, opt_state: Any) -> dict:
-    """The train state the stages build (`mmovseg_jax.train.loop.initial_state` where that
-    module exists, else {"params", "opt_state", "step"})."""
-    import jax.numpy as jnp
+    """The train state the stages build (`mmovseg_jax.train.loop.initial_state`)."""
+    from mmovseg_jax.train import loop
 
-    try:
-        from mmovseg_jax.train import loop
-    except ImportError:
-        return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
     return loop.initial_state(params, opt_state)
 
 

@@ -9,13 +9,12 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from configs import cmu as cmu_config
 from mmovseg_jax.models import dino
-from mmovseg_jax.train import cmu, optim, sharding
+from mmovseg_jax.train import cmu, loop, optim, sharding
 
 
 def state_bytes_per_device(fsdp: int) -> tuple[int, int]:
@@ -27,7 +26,7 @@ def state_bytes_per_device(fsdp: int) -> tuple[int, int]:
     aligner_def, params = nnx.split(aligner)
     teacher_def, teacher_params = nnx.split(teacher)
     tx, lr = optim.make(config.optimizer, 10)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = loop.initial_state(params, tx.init(params))
     shardings = sharding.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
