@@ -65,6 +65,17 @@ def write_all(outputs: dict[Path, Callable]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def reading(arg: str, reader: Callable, path: Path, *rest):
+    """reader(path, *rest), its errors (which name the file) prefixed with the argument
+    (`--rgb FILE: ...`): FileNotFoundError stays one, ValueError becomes UsageError."""
+    try:
+        return reader(path, *rest)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{arg} {e}") from e
+    except ValueError as e:
+        raise UsageError(f"{arg} {e}") from e
+
+
 def clock(seconds: float) -> str:
     """Seconds as H:MM:SS ("?" for infinity)."""
     if seconds == float("inf"):

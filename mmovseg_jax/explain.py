@@ -36,14 +36,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmovseg_jax.cli import OneLineParser, UsageError, check_output, with_one_line_errors, write_all
+from mmovseg_jax.cli import OneLineParser, UsageError, check_output, reading, with_one_line_errors, write_all
 from mmovseg_jax.data import imageio, preprocess
 from mmovseg_jax.models import def_head, mmovseg
 from mmovseg_jax.ops.resize import resize_bilinear
@@ -160,16 +160,6 @@ def parse_prompts(prompts: Sequence[str]) -> list[str]:
     return names
 
 
-def _reading(arg: str, reader: Callable, path: Path, *rest):
-    """reader(path, *rest) with its errors (which name the file) prefixed by the argument."""
-    try:
-        return reader(path, *rest)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{arg} {e}") from e
-    except ValueError as e:
-        raise UsageError(f"{arg} {e}") from e
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m mmovseg_jax.explain", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,10 +204,10 @@ def run(args: argparse.Namespace) -> dict:
     if maps_path.is_dir():
         raise UsageError(f"--out {out}: {maps_path} is a folder")
 
-    rgb = _reading("--rgb", read_rgb, args.rgb)
+    rgb = reading("--rgb", read_rgb, args.rgb)
     sar = None
     if args.sar is not None:
-        sar = _reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range))
+        sar = reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range))
         if sar.shape != rgb.shape[:2]:
             raise UsageError(f"--rgb {args.rgb} is {rgb.shape[0]}x{rgb.shape[1]} but --sar {args.sar} is "
                              f"{sar.shape[0]}x{sar.shape[1]}: the pair must have the same size")

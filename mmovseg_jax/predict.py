@@ -35,11 +35,11 @@ import colorsys
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from mmovseg_jax.cli import OneLineParser, UsageError, check_output, with_one_line_errors, write_all
+from mmovseg_jax.cli import OneLineParser, UsageError, check_output, reading, with_one_line_errors, write_all
 from mmovseg_jax.data import imageio
 
 # Kelly's colours of maximum contrast (white and black left out), then golden-ratio hues.
@@ -170,16 +170,6 @@ def _png_writer(image):
     return lambda f: image.save(f, format="PNG")
 
 
-def _reading(arg: str, reader: Callable, path: Path, *rest):
-    """reader(path, *rest), its errors (which name the file) prefixed with the argument."""
-    try:
-        return reader(path, *rest)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{arg} {e}") from e
-    except ValueError as e:
-        raise UsageError(f"{arg} {e}") from e
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m mmovseg_jax.predict", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,10 +214,10 @@ def run(args: argparse.Namespace) -> dict:
     if len({t.resolve() for t in targets}) != len(targets):
         raise UsageError(f"output paths collide: {', '.join(map(str, targets))}")
 
-    rgb = _reading("--rgb", read_rgb, args.rgb)
+    rgb = reading("--rgb", read_rgb, args.rgb)
     sar = None
     if args.sar is not None:
-        sar = _reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range), args.sar_nodata)
+        sar = reading("--sar", read_sar, args.sar, args.sar_units, tuple(args.sar_db_range), args.sar_nodata)
         if sar.shape != rgb.shape[:2]:
             raise UsageError(f"--rgb {args.rgb} is {rgb.shape[0]}x{rgb.shape[1]} but --sar {args.sar} is "
                              f"{sar.shape[0]}x{sar.shape[1]}: the pair must have the same size")

@@ -281,9 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if stopped is not None:
         reporter.close()
         return {"stopped_at": stopped}
-    report = getattr(train_source, "skip_report", lambda: None)()
-    if report:
-        print(f"warning: {report}", flush=True)
+    loop.warn_skipped(train_source)
 
     after = retrieval(embed_fn, state["params"], teacher_params, eval_batches, mesh)
     # Whole parameters on every host (a collective: every process takes part).

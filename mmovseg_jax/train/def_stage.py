@@ -316,9 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if stopped is not None:
         reporter.close()
         return {"stopped_at": stopped}
-    report = getattr(train_source, "skip_report", lambda: None)()
-    if report:
-        print(f"warning: {report}", flush=True)
+    loop.warn_skipped(train_source)
 
     host_trainable = multihost_utils.process_allgather(state["params"], tiled=True)
     trained = nnx.merge(graphdef, host_trainable, jax.device_get(frozen))

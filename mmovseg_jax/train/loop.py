@@ -114,6 +114,13 @@ class StopOnSignal:
         return bool(np.any(flags))
 
 
+def warn_skipped(source) -> None:
+    """Prints the data source's summary of skipped bad samples, if it has one to give."""
+    report = getattr(source, "skip_report", lambda: None)()
+    if report:
+        print(f"warning: {report}", flush=True)
+
+
 def _check_finite(state: dict, checkpointer, policy: str) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad and policy == "stop":
