@@ -54,13 +54,16 @@ VARIANTS = {
 ANCHOR_BATCH = {224: 128, 384: 48}  # shared/bench/torch_cmu_anchor.py
 ANCHOR_PATHS = (HERE.parent.parent / "shared" / "bench" / "torch_cmu_anchor.py",
                 HERE.parent / ".shared_copy" / "bench" / "torch_cmu_anchor.py")
-COLUMNS = ("impl", "attention", "size", "batch", "step ms", "img/s", "TFLOP/s", "MFU", "XLA GFLOP/step",
-           "compile s", "ratio vs torch eager")
+COLUMNS = ("impl", "attention", "cls shortcut", "size", "batch", "step ms", "img/s", "TFLOP/s", "MFU",
+           "MFU vs measured", "remat", "temp GiB", "XLA GFLOP/step", "compile s", "ratio vs torch eager")
 
 
-def make_config(variant: str, size: int, batch: int, dtype: str):
+def make_config(variant: str, size: int, batch: int, dtype: str, cls_shortcut: bool = True,
+                remat: str = "none"):
     """configs/cmu.py "paper" with the anchor's model size, batch and loss."""
     c = cmu_configs.get_config("paper")
+    c.cls_shortcut = cls_shortcut
+    c.remat = remat
     c.teacher_required = False
     c.global_batch_size = batch
     c.total_steps = 1000
@@ -93,9 +96,11 @@ def analytic_flops(cfg: dino.Config, size: int, batch: int) -> float:
 
 
 def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, steps: int, warmup: int,
-              peak: float | None) -> dict:
-    """Builds the step as cmu.run does, compiles it, times it; one result row."""
-    config = make_config(variant, size, batch, dtype)
+              peak: float | None, cls_shortcut: bool = True, measured_peak: float | None = None,
+              profile: bool = False, remat: str = "none") -> dict:
+    """Builds the step as cmu.run does, compiles it, times it (and with `profile`, splits
+    its device time by XLA op); one result row."""
+    config = make_config(variant, size, batch, dtype, cls_shortcut, remat)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(batch, mesh)
     tcfg = teacher_config(config, attention)
@@ -129,10 +134,23 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     flops = analytic_flops(tcfg, size, batch)
     hlo_flops = common.xla_flops(lowered)
     tflops = flops / seconds / 1e12
-    return {"impl": "jax", "attention": attention, "size": size, "batch": batch, "step ms": 1e3 * seconds,
-            "img/s": batch / seconds, "TFLOP/s": tflops, "MFU": common.mfu_text(tflops, peak),
-            "XLA GFLOP/step": hlo_flops / 1e9 if hlo_flops else None, "compile s": compile_s,
-            "analytic GFLOP/step": flops / 1e9}
+    row = {"impl": "jax", "attention": attention, "cls shortcut": "on" if cls_shortcut else "off", "size": size,
+           "batch": batch, "step ms": 1e3 * seconds, "img/s": batch / seconds, "TFLOP/s": tflops,
+           "MFU": common.mfu_text(tflops, peak), "MFU vs measured": common.mfu_text(tflops, measured_peak),
+           "remat": remat, "temp GiB": common.temp_gib(compiled),
+           "XLA GFLOP/step": hlo_flops / 1e9 if hlo_flops else None, "compile s": compile_s,
+           "analytic GFLOP/step": flops / 1e9}
+    if profile:
+        holder = [state]
+
+        def call():
+            holder[0] = step(holder[0])
+            return holder[0]
+
+        row["profile"] = common.kernel_profile(call)
+        print(common.profile_text(row["profile"], f"profile: cmu step {size} px, {attention}, cls shortcut "
+                                                  f"{row['cls shortcut']}"), flush=True)
+    return row
 
 
 def find_anchor(path: str | None) -> Path | None:
@@ -178,7 +196,7 @@ def run_anchor(anchor: Path, shapes: list[dict], timeout: float) -> tuple[dict, 
     return lines[0], lines[1:]
 
 
-def torch_rows(results: list[dict], peak: float | None) -> list[dict]:
+def torch_rows(results: list[dict], peak: float | None, measured: float | None = None) -> list[dict]:
     rows = []
     for r in results:
         row = {"impl": "torch compile" if r.get("compiled") else "torch eager", "attention": "sdpa",
@@ -187,7 +205,8 @@ def torch_rows(results: list[dict], peak: float | None) -> list[dict]:
             row["step ms"] = r["error"][:60]
         else:
             row.update({"step ms": r["step_ms"], "img/s": r["img_per_s"], "TFLOP/s": r["tflops"],
-                        "MFU": common.mfu_text(r["tflops"], peak)})
+                        "MFU": common.mfu_text(r["tflops"], peak),
+                        "MFU vs measured": common.mfu_text(r["tflops"], measured)})
         rows.append(row)
     return rows
 
@@ -202,6 +221,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--attention", default="xla", help="comma list of xla, cudnn, auto")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
+    p.add_argument("--cls-shortcut", default="on", choices=("on", "off", "both"),
+                   help="config.cls_shortcut: the deepest block for the CLS query only (on, the default), "
+                        "every token (off, as the anchor), or a row of each")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                   help="config.remat: recompute the student's block activations in the backward pass")
+    p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op "
+                                                          "(jax.profiler) and print the top ops")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="time a bf16 8192^3 matmul first and add MFU against that measured ceiling")
     p.add_argument("--torch", default="auto", choices=("auto", "off"),
                    help="auto: run the PyTorch anchor first when torch with CUDA is importable")
     p.add_argument("--torch-compiled", action="store_true", help="also time the anchor under torch.compile")
@@ -228,17 +256,24 @@ def main(argv=None) -> list[dict]:
 
     info = common.device_info()
     peak = info["peak_tflops"]
+    measured = common.measured_matmul_tflops() if args.measure_peak else None
+    if measured:
+        print(f"bf16 8192^3 matmul: {measured:.1f} TFLOP/s", flush=True)
+    shortcuts = {"on": (True,), "off": (False,), "both": (False, True)}[args.cls_shortcut]
     rows = []
     for size in sizes:
         for attention in attentions:
-            try:
-                rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
-                                      args.warmup, peak))
-            except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
-                rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
-                             "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
-            print(f"  done: {json.dumps(rows[-1], default=str)}", flush=True)
-    rows += torch_rows(anchor_results, peak)
+            for shortcut in shortcuts:
+                try:
+                    rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
+                                          args.warmup, peak, shortcut, measured, args.profile, args.remat))
+                except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
+                    rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
+                                 "cls shortcut": "on" if shortcut else "off",
+                                 "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
+                      flush=True)
+    rows += torch_rows(anchor_results, peak, measured)
     eager = {(r["size"], r["batch"]): r["img/s"] for r in rows if r["impl"] == "torch eager" and r.get("img/s")}
     for r in rows:
         if r["impl"] == "jax" and r.get("img/s") and (r["size"], r["batch"]) in eager:
@@ -246,14 +281,15 @@ def main(argv=None) -> list[dict]:
 
     header = (f"CMU step ({args.variant}, {args.dtype}); device {info['count']} x {info['kind']} "
               f"({info['platform']}); {common.versions_line(info)}; bf16 peak "
-              f"{peak or 'unknown'} TFLOP/s; FLOPs analytic (anchor's matmul count); torch: "
+              f"{peak or 'unknown'} TFLOP/s{f' (measured matmul {measured:.0f})' if measured else ''}; FLOPs analytic (anchor's matmul count); torch: "
               f"{torch_info.get('skipped') or ', '.join(f'{k} {v}' for k, v in torch_info.items())}")
     text = common.table(COLUMNS, rows)
     print(header)
     print(text)
     for r in rows:
         if r.get("ratio vs torch eager"):
-            print(f"ratio ours / torch eager at {r['size']} px, batch {r['batch']}, attention {r['attention']}: "
+            print(f"ratio ours / torch eager at {r['size']} px, batch {r['batch']}, attention {r['attention']}, "
+                  f"cls shortcut {r['cls shortcut']}: "
                   f"{r['ratio vs torch eager']}")
     out = common.results_path(args)
     if out is not None:

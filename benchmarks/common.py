@@ -44,14 +44,15 @@ def _leaf_name(path) -> str:
 
 
 def random_init(make: Callable[[], Any], seed: int = 0) -> Any:
-    """`make()` (an nnx module) with random weights drawn in one jitted call.
+    """`make()` (an nnx module) with random weights drawn on the host with NumPy.
 
     The module is traced abstractly (`nnx.eval_shape`), then every float array is filled:
     LayerNorm scales (and any `var`) with ones, biases (and any `mean`) with zeros, all
-    else N(0, 0.02^2). Benchmarks only: one compilation instead of one per initialiser
-    and shape (minutes on a loaded CPU for the DEF model); values differ from the
-    modules' own initialisers, speed does not. Falls back to `make()` for modules holding
-    non-float state.
+    else N(0, 0.02^2), and put on the default device. Benchmarks only: no initialiser is
+    compiled (running each module initialiser costs one compilation per shape, and one
+    jitted fill of all arrays took over three minutes to compile on an H200); values
+    differ from the modules' own initialisers, speed does not. Falls back to `make()` for
+    modules holding non-float state.
     """
     import jax
     import jax.numpy as jnp
@@ -62,29 +63,18 @@ def random_init(make: Callable[[], Any], seed: int = 0) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     if not all(jnp.issubdtype(leaf.dtype, jnp.floating) for _, leaf in flat):
         return make()
-    kinds = []
-    for path, _ in flat:
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for path, leaf in flat:
         name = _leaf_name(path)
-        kinds.append("one" if name in ("scale", "var") else "zero" if name in ("bias", "mean") else "normal")
-    specs = [(leaf.shape, leaf.dtype) for _, leaf in flat]
-
-    sizes = [int(np.prod(shape)) for shape, _ in specs]
-    offsets = np.cumsum([0] + sizes)
-
-    @jax.jit
-    def fill(key):  # one random vector, cut into the arrays (one RNG op: fast to compile)
-        noise = 0.02 * jax.random.normal(key, (int(offsets[-1]),), jnp.float32)
-        out = []
-        for kind, (shape, dtype), start, size in zip(kinds, specs, offsets, sizes):
-            if kind == "one":
-                out.append(jnp.ones(shape, dtype))
-            elif kind == "zero":
-                out.append(jnp.zeros(shape, dtype))
-            else:
-                out.append(jax.lax.dynamic_slice_in_dim(noise, int(start), size).reshape(shape).astype(dtype))
-        return out
-
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, fill(jax.random.key(seed))))
+        if name in ("scale", "var"):
+            host = np.ones(leaf.shape, np.float32)
+        elif name in ("bias", "mean"):
+            host = np.zeros(leaf.shape, np.float32)
+        else:
+            host = 0.02 * rng.standard_normal(leaf.shape, dtype=np.float32)
+        arrays.append(jnp.asarray(host, dtype=leaf.dtype))
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -146,6 +136,15 @@ def xla_flops(lowered) -> float | None:
     return float(flops) if flops else None
 
 
+def temp_gib(compiled) -> float | None:
+    """Temporary (activation and scratch) memory of a compiled computation in GiB, from
+    XLA's buffer assignment (`memory_analysis()`), or None when the backend gives none."""
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
+    except Exception:  # some backends/versions do not implement it
+        return None
+
+
 def vit_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int, patch: int, channels: int = 3) -> float:
     """Matmul FLOPs of one ViT forward pass for one image: per block the q/k/v/out and MLP
     projections (2 * T * (4 d^2 + 2 d m)) and the two attention products (4 T^2 d), plus
@@ -203,3 +202,93 @@ def results_path(args) -> Path | None:
     if args.results is not None:
         return args.results
     return RESULTS if args.record else None
+
+
+def measured_matmul_tflops(n: int | None = None, repeats: int = 10) -> float:
+    """bf16 TFLOP/s of one n x n x n matrix product on the default device (random data),
+    the practical ceiling MFU can also be read against (REFERENCE.md: 825 on an H200).
+    n defaults to 8192 on a GPU and 512 elsewhere (CPU smoke runs)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = n or (8192 if jax.default_backend() == "gpu" else 512)
+
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
+    matmul = jax.jit(lambda x, y: x @ y)
+    seconds, _ = time_loop(lambda c: matmul(a, b), None, repeats, 2)
+    return 2 * n ** 3 / seconds / 1e12
+
+
+_KERNEL_KINDS = (("attention", ("fmha", "flash", "cudnn_generated", "sdpa", "attention")),
+                 ("conv", ("convolution", "cudnn-conv", "fprop", "dgrad", "wgrad")),
+                 ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90", "dot")))
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse class of a device kernel from its name: attention | gemm | conv | other."""
+    low = name.lower()
+    return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_profile(call: Callable[[], Any], steps: int = 3, top: int = 20) -> dict[str, Any]:
+    """Device time per step of `call()` (compiled and warmed up), split by XLA op, from a
+    `jax.profiler` trace read back with `jax.profiler.ProfileData`.
+
+    Returns {"device_ms": busy kernel time per step, "kinds": {kind: ms per step},
+    "ops": the `top` ops by time, each {"op", "ms", "share", "kind", "kernel", "source"}}.
+    GPU: the kernels on the device's streams; CPU (smoke tests): the thunks XLA ran. XLA
+    replays most GPU kernels from command buffers (CUDA graphs), which hide the op each
+    kernel belongs to: run with XLA_FLAGS=--xla_gpu_enable_command_buffer= for a split by op.
+    """
+    import glob
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            out = None
+            for _ in range(steps):
+                out = call()
+            jax.block_until_ready(out)
+        files = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
+        if not files:
+            return {"error": "the profiler wrote no trace"}
+        data = jax.profiler.ProfileData.from_file(files[0])
+    ops: dict[str, dict[str, Any]] = {}
+    device_planes = [p for p in data.planes if p.name.startswith("/device:")]
+    for plane in device_planes or data.planes:
+        for line in plane.lines:
+            if device_planes and not line.name.startswith("Stream"):
+                continue  # the "XLA Ops"/"XLA Modules" lines repeat the stream kernels
+            for event in line.events:
+                stats = dict(event.stats)
+                op = str(stats.get("hlo_op", ""))
+                if not op:
+                    continue
+                # Kernels replayed from an XLA command buffer (a CUDA graph) all carry the
+                # buffer's name: key those by kernel name instead.
+                key = event.name if op.startswith("command_buffer") else op
+                row = ops.setdefault(key, {"op": op, "ns": 0.0, "kernel": event.name,
+                                           "source": str(stats.get("tf_op", ""))[-90:]})
+                row["ns"] += event.duration_ns
+    total = sum(r["ns"] for r in ops.values()) or 1.0
+    kinds: dict[str, float] = {}
+    rows = []
+    for r in sorted(ops.values(), key=lambda r: -r["ns"]):
+        kind = kernel_kind(r["kernel"] + " " + r["op"])
+        kinds[kind] = kinds.get(kind, 0.0) + r["ns"] / steps / 1e6
+        rows.append({"op": r["op"], "ms": r["ns"] / steps / 1e6, "share": r["ns"] / total, "kind": kind,
+                     "kernel": r["kernel"][:70], "source": r["source"]})
+    return {"device_ms": total / steps / 1e6, "kinds": kinds, "ops": rows[:top]}
+
+
+def profile_text(profile: dict[str, Any], title: str) -> str:
+    """`kernel_profile`'s result as a few printable lines."""
+    if "error" in profile:
+        return f"{title}: {profile['error']}"
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(profile["kinds"].items(), key=lambda kv: -kv[1]))
+    lines = [f"{title}: device busy {profile['device_ms']:.2f} ms/step ({kinds} ms)"]
+    lines += [f"  {r['ms']:8.3f} ms {100 * r['share']:5.1f}% {r['kind']:<9} {r['op'][:28]:<28} {r['kernel'][:48]:<48} "
+              f"{r['source']}" for r in profile["ops"]]
+    return "\n".join(lines)

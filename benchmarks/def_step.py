@@ -61,7 +61,7 @@ def _toy() -> mmovseg.Config:
                                head=dataclasses.replace(cfg.head, num_layers=0),
                                clip_guidance_blocks=(0, 1), dino_blocks=(0, 1, 1), image_size=64)
 COLUMNS = ("mode", "attention", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
-           "GFLOP/tile", "enc TFLOP/tile", "compile s")
+           "GFLOP/tile", "enc TFLOP/tile", "enc MFU", "enc MFU vs measured", "compile s")
 
 
 def model_config(variant: str, dtype: str, attention: str) -> mmovseg.Config:
@@ -157,7 +157,8 @@ def lowered_flops(cfg_xla: mmovseg.Config, mode: str, batch: int, classes: int, 
 
 
 def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dtype: str, steps: int,
-          warmup: int, peak: float | None) -> dict:
+          warmup: int, peak: float | None, measured_peak: float | None = None, profile: bool = False) -> dict:
+    """Compiles and times one mode; with `profile`, splits its device time by XLA op."""
     cfg = model_config(variant, dtype, attention)
     s = cfg.image_size
     if mode == "inference":
@@ -168,7 +169,9 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = fn.lower(state, rgb, sar, text).compile()
         compile_s = time.perf_counter() - start
-        seconds, _ = common.time_loop(lambda _: compiled(state, rgb, sar, text), None, steps, warmup)
+        run = lambda _: compiled(state, rgb, sar, text)  # noqa: E731
+        seconds, _ = common.time_loop(run, None, steps, warmup)
+        call = lambda: run(None)  # noqa: E731
         config = None
     else:
         config = train_config(variant, batch, dtype)
@@ -177,30 +180,44 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = step.lower(state, frozen, batch_in, tokens).compile()
         compile_s = time.perf_counter() - start
-        seconds, _ = common.time_loop(lambda st: compiled(st, frozen, batch_in, tokens)[0], state, steps, warmup)
+        seconds, state = common.time_loop(lambda st: compiled(st, frozen, batch_in, tokens)[0], state, steps, warmup)
+        holder = [state]
+
+        def call():
+            holder[0] = compiled(holder[0], frozen, batch_in, tokens)[0]
+            return holder[0]
     flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes,
                           config if config is not None else train_config(variant, batch, dtype))
     tflops = flops / seconds / 1e12 if flops else None
-    return {"mode": mode, "attention": attention, "size": s, "batch": batch, "classes": classes,
-            "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
-            "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
-            "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "compile s": compile_s}
+    enc_tflops = encoder_flops(cfg) * batch / seconds / 1e12
+    row = {"mode": mode, "attention": attention, "size": s, "batch": batch, "classes": classes,
+           "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
+           "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
+           "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "enc MFU": common.mfu_text(enc_tflops, peak),
+           "enc MFU vs measured": common.mfu_text(enc_tflops, measured_peak), "compile s": compile_s}
+    if profile:
+        row["profile"] = common.kernel_profile(call)
+        print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}"), flush=True)
+    return row
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="B", choices=sorted(VARIANTS),
                    help="mmovseg.VARIANTS name, or toy (tiny cut down, for smoke tests)")
-    p.add_argument("--batch", type=int, default=None, help="tiles per step (default 8; tiny: 2)")
+    p.add_argument("--batch", default=None, help="tiles per step, or a comma list (default 8; tiny: 2)")
     p.add_argument("--classes", type=int, default=None, help="class names T (default 8; tiny: 3)")
     p.add_argument("--modes", default="inference,train", help="comma list of inference, train")
     p.add_argument("--attention", default="xla", help="comma list of xla, cudnn, auto")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="time a bf16 8192^3 matmul first and add encoder MFU against that measured ceiling")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     common.add_output_args(p)
     args = p.parse_args(argv)
-    batch = args.batch or VARIANTS[args.variant]["batch"]
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else [VARIANTS[args.variant]["batch"]]
     classes = args.classes or VARIANTS[args.variant]["classes"]
     modes = [m.strip() for m in args.modes.split(",")]
     for m in modes:
@@ -211,20 +228,25 @@ def main(argv=None) -> list[dict]:
             p.error(f"unknown attention {a!r}; choose from {layers.ATTENTION_IMPLEMENTATIONS}")
 
     info = common.device_info()
+    measured = common.measured_matmul_tflops() if args.measure_peak else None
+    if measured:
+        print(f"bf16 8192^3 matmul: {measured:.1f} TFLOP/s", flush=True)
     rows = []
-    for mode in modes:
-        for attention in (a.strip() for a in args.attention.split(",")):
-            try:
-                rows.append(bench(mode, args.variant, batch, classes, attention, args.dtype, args.steps,
-                                  args.warmup, info["peak_tflops"]))
-            except Exception as e:  # e.g. cuDNN refusing a shape, out of memory: say so and go on
-                rows.append({"mode": mode, "attention": attention, "batch": batch, "classes": classes,
-                             "size": model_config(args.variant, args.dtype, "xla").image_size,
-                             "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
-            print(f"  done: {json.dumps(rows[-1], default=str)}", flush=True)
+    for mode, batch, attention in ((m, b, a.strip()) for m in modes for b in batches
+                                   for a in args.attention.split(",")):
+        try:
+            rows.append(bench(mode, args.variant, batch, classes, attention, args.dtype, args.steps,
+                              args.warmup, info["peak_tflops"], measured, args.profile))
+        except Exception as e:  # e.g. cuDNN refusing a shape, out of memory: say so and go on
+            rows.append({"mode": mode, "attention": attention, "batch": batch, "classes": classes,
+                         "size": model_config(args.variant, args.dtype, "xla").image_size,
+                         "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+        print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
+              flush=True)
     header = (f"DEF model ({args.variant}, {args.dtype}); device {info['count']} x {info['kind']} "
               f"({info['platform']}); {common.versions_line(info)}; bf16 peak {info['peak_tflops'] or 'unknown'} "
-              f"TFLOP/s; FLOPs: XLA cost analysis with XLA attention")
+              f"TFLOP/s{f' (measured matmul {measured:.0f})' if measured else ''}; "
+              f"FLOPs: XLA cost analysis with XLA attention")
     text = common.table(COLUMNS, rows)
     print(header)
     print(text)

@@ -7,17 +7,22 @@
 # (.whl: grain, array_record, ml_collections, portpicker, tensorboardx wheels, see
 # /work/.library/device/README.md; .shared_copy: the PyTorch anchor and the test fixtures.)
 #
-# Stages, most important first, each under its own time limit inside an overall budget
-# (BUDGET_S, default 530 s from the start): a stage that would start with under 30 s left
-# is skipped and says so.
-#   1. cmu_step at 224 px, batch 128, XLA and cuDNN attention, PyTorch eager anchor beside (ratio line)
-#   2. tests/test_attention.py on the GPU (cuDNN vs XLA attention, bf16, values and gradients;
-#      DINO B/16 end to end)
-#   3. def_step inference (release shapes: B, 384 px, batch 8, 8 classes), XLA and cuDNN
-#   4. cmu_step at 384 px, batch 48, XLA and cuDNN, anchor beside
-#   5. input_pipeline: Grain pairs/s at 384 px crops of 512 px tiles, 0, 4 and 16 workers,
-#      ArrayRecord (npz) and PNG folder (this host's CPUs feed the GPU in training)
-#   6. def_step train step, cuDNN then XLA attention (whatever time is left)
+# Stages (STAGES="a b ..." picks and orders them), most important first, each under its own
+# time limit inside an overall budget (BUDGET_S, default 530 s from the start): a stage that
+# would start with under 30 s left is skipped and says so.
+#   cmu224           cmu_step at 224 px, batch 128, cuDNN attention, CLS shortcut off and on,
+#                    the PyTorch eager anchor beside (ratio lines), matmul ceiling measured
+#   cmu224_profile   the same step split by XLA op (command buffers off), top ops printed
+#   def_profile      DEF inference (release shapes) split by XLA op, likewise
+#   attention_tests  tests/test_attention.py and test_fast_paths.py on the GPU
+#   def_infer        def_step inference, batch 8 and 32 (DEF_BATCHES), encoder MFU
+#   cmu224_flags     cmu_step 224 under XLA_FLAGS=$FLAGS_VARIANT (default: Triton GEMMs off)
+#   cmu224_remat     cmu_step 224 with the student's blocks rematerialised (speed and temp GiB)
+#   cmu224_xla       cmu_step 224 with XLA attention (not in the default list)
+#   cmu384           cmu_step at 384 px, batch 48, anchor beside
+#   input            input_pipeline: Grain pairs/s at 384 px crops, 0, 4 and 16 workers
+#   def_train        def_step train step
+# Measured 2026-11-28 on an H200 (stages cmu224 def_infer): 81 s and 84 s after start-up.
 # Everything goes to $OUT: gpu_issue6.log (all output), RESULTS_issue6.md (the tables, to
 # append to benchmarks/RESULTS.md by hand after review) and one JSON per stage.
 set -uo pipefail
@@ -40,10 +45,10 @@ RES="$OUT/RESULTS_issue6.md"
 # SMOKE=1: the same stages at toy sizes, to check this script on a CPU (cuDNN rows then fail, as they must).
 if [ "${SMOKE:-0}" = 1 ]; then
   CMU224="--variant tiny --sizes 32 --batch 4 --steps 2 --warmup 1"; CMU384="$CMU224"
-  DEF="--variant toy --steps 2 --warmup 1"
+  DEF="--variant toy --steps 2 --warmup 1"; DEF_BATCHES=2
   INPUT="--records 8 --tile 96 --crop 64 --batch 4 --batches 2 --workers 0,1"
 else
-  CMU224="--sizes 224"; CMU384="--sizes 384"; DEF=""
+  CMU224="--sizes 224"; CMU384="--sizes 384"; DEF=""; DEF_BATCHES=${DEF_BATCHES:-8,32}
   INPUT="--workers 0,4,16 --batch 16 --records 64"
 fi
 
@@ -63,16 +68,43 @@ stage() {  # stage NAME LIMIT_S COMMAND...
   echo "== $name: exit $rc after $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (TIMED OUT: rows printed as "done:" above are what was measured)')"
 }
 
-stage "cmu_step 224" 170 python3 benchmarks/cmu_step.py $CMU224 --attention xla,cudnn \
-  --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_224.json"
-stage "attention tests (GPU)" 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py
-stage "def_step inference" 150 python3 benchmarks/def_step.py $DEF --modes inference --attention xla,cudnn \
-  --results "$RES" --json "$OUT/def_inference.json"
-stage "cmu_step 384" 130 python3 benchmarks/cmu_step.py $CMU384 --attention xla,cudnn \
-  --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_384.json"
-stage "input_pipeline" 100 python3 benchmarks/input_pipeline.py $INPUT --results "$RES" --json "$OUT/input_pipeline.json"
-
-stage "def_step train" 130 python3 benchmarks/def_step.py $DEF --modes train --attention cudnn,xla \
-  --results "$RES" --json "$OUT/def_train.json"
+# Stages by name; STAGES picks and orders them (default: all, in the order below). The
+# profile stages turn XLA's command buffers (CUDA graphs) off, since kernels replayed from
+# one are attributed to the buffer, not to their op; their timings are not the headline.
+NO_GRAPHS="--xla_gpu_enable_command_buffer="
+FLAGS_VARIANT=${FLAGS_VARIANT:---xla_gpu_enable_triton_gemm=false}
+run_stage() {
+  case $1 in
+    cmu224) stage "cmu_step 224" 150 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --cls-shortcut both \
+              --measure-peak --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_224.json" ;;
+    cmu224_profile) stage "cmu_step 224 profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
+              python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --profile --steps 5 \
+              --json "$OUT/cmu_224_profile.json" ;;
+    def_profile) stage "def_step inference profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
+              python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn --profile --steps 5 \
+              --json "$OUT/def_profile.json" ;;
+    attention_tests) stage "attention tests (GPU)" 130 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
+              tests/test_attention.py tests/test_fast_paths.py ;;
+    def_infer) stage "def_step inference" 120 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
+              --batch $DEF_BATCHES --measure-peak --results "$RES" --json "$OUT/def_inference.json" ;;
+    cmu224_flags) stage "cmu_step 224 with XLA_FLAGS=$FLAGS_VARIANT" 80 env XLA_FLAGS="$FLAGS_VARIANT" \
+              python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --json "$OUT/cmu_224_flags.json" ;;
+    cmu224_remat) stage "cmu_step 224 remat full" 80 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
+              --remat full --torch off --json "$OUT/cmu_224_remat.json" ;;
+    cmu224_xla) stage "cmu_step 224 xla" 80 python3 benchmarks/cmu_step.py $CMU224 --attention xla --torch off \
+              --results "$RES" --json "$OUT/cmu_224_xla.json" ;;
+    cmu384) stage "cmu_step 384" 130 python3 benchmarks/cmu_step.py $CMU384 --attention cudnn \
+              --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_384.json" ;;
+    input) stage "input_pipeline" 100 python3 benchmarks/input_pipeline.py $INPUT --results "$RES" \
+              --json "$OUT/input_pipeline.json" ;;
+    def_train) stage "def_step train" 130 python3 benchmarks/def_step.py $DEF --modes train --attention cudnn \
+              --results "$RES" --json "$OUT/def_train.json" ;;
+    *) echo "!! unknown stage $1" ;;
+  esac
+}
+for name in ${STAGES:-cmu224 cmu224_profile def_profile attention_tests def_infer cmu224_flags cmu224_remat cmu384 input \
+               def_train}; do
+  run_stage "$name"
+done
 echo "== total $((SECONDS - START)) s"
 exit 0

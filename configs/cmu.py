@@ -68,6 +68,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         chunk_size=0,          # >0: InfoNCE logits in chunks of this many keys per device
         projection_dim=0,      # >0: a linear head per block and side before the loss
     ))
+    # With embedding="cls", DINO (v1) encoders run their deepest block for the CLS query only
+    # (the other tokens of that block are never read): the same loss for about 7% fewer
+    # FLOPs at 224 px. False runs every token, as the PyTorch release does.
+    c.cls_shortcut = True
+    # Activation memory of the student's blocks in the backward pass: none (keep all),
+    # full (keep block inputs, recompute the rest: ~1 more forward of compute) or dots
+    # (keep weight-matmul outputs). Same numbers; for batches that do not fit otherwise.
+    c.remat = "none"
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=40, schedule="cosine",
         grad_clip=1.0))
@@ -99,6 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.family = "v3" if variant == "large" else "v1"
         c.model.image_size = 224 if variant == "paper" else 384
         c.model.dtype = "bfloat16"
+        c.model.attention = "auto"  # cuDNN flash attention on a GPU (bf16), XLA elsewhere
         # the paper's blocks 4/8/12 of 12; for the 24-block ViT-L, DEF's levels 8/16/24
         c.blocks = (7, 15, 23) if variant == "large" else (3, 7, 11)
         c.optimizer.lr = 3e-4
@@ -116,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.variant = "B/16"
         c.model.image_size = 224
         c.model.dtype = "bfloat16"
+        c.model.attention = "auto"  # cuDNN flash attention on a GPU (bf16), XLA elsewhere
         c.blocks = (3, 7, 11)
         c.loss.embedding = "cls"  # one embedding per tile: negatives from the whole global batch
         c.loss.chunk_size = 1024

@@ -121,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.variant = "L" if large else "B"
         c.model.require_pretrained = True
         c.model.dtype = "bfloat16"
+        c.model.attention = "auto"  # cuDNN flash attention on a GPU (bf16), XLA elsewhere
         c.total_steps = 120_000
         c.log_every = 100
         c.checkpoint_every = 5000

@@ -65,8 +65,9 @@ EMBED_MODES = ("cls", "mean", "dense")
 
 def embed_tokens(tokens: jax.Array, mode: str) -> jax.Array:
     """(B, 1+N, D) tokens, CLS first -> "cls": (B, D) token 0; "mean": (B, D) mean of the
-    N patch tokens (CLS excluded); "dense": (B, N, D) the patch tokens."""
-    if tokens.ndim != 3 or tokens.shape[1] < 2:
+    N patch tokens (CLS excluded); "dense": (B, N, D) the patch tokens. "cls" also takes
+    the CLS token alone, (B, 1, D)."""
+    if tokens.ndim != 3 or tokens.shape[1] < (1 if mode == "cls" else 2):
         raise ValueError(f"tokens must be (B, 1+N, D) with N >= 1, got shape {tokens.shape}")
     if mode == "cls":
         return tokens[:, 0]

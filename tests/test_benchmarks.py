@@ -31,16 +31,21 @@ def _run(args: list[str], timeout: float = 300) -> str:
 def test_cmu_step_tiny(tmp_path):
     results, rows_json = tmp_path / "RESULTS.md", tmp_path / "cmu.json"
     out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
-                "--dtype", "float32", "--results", str(results), "--json", str(rows_json)])
-    assert "| impl | attention | size | batch | step ms | img/s | TFLOP/s | MFU |" in out
-    assert "| jax | xla | 32 | 4 |" in out and "failed" not in out
+                "--dtype", "float32", "--cls-shortcut", "both", "--profile", "--results", str(results),
+                "--json", str(rows_json)])
+    assert "| impl | attention | cls shortcut | size | batch | step ms | img/s | TFLOP/s | MFU |" in out
+    assert "| jax | xla | off | 32 | 4 |" in out and "| jax | xla | on | 32 | 4 |" in out and "failed" not in out
     rows = json.loads(rows_json.read_text())["rows"]
     jax_rows = [r for r in rows if r["impl"] == "jax"]
-    assert len(jax_rows) == 1 and jax_rows[0]["img/s"] > 0 and jax_rows[0]["compile s"] > 0
-    # The analytic count the TFLOP/s column uses: teacher forward + 3 x student forward.
+    assert len(jax_rows) == 2 and all(r["img/s"] > 0 and r["compile s"] > 0 for r in jax_rows)
+    # The analytic count the TFLOP/s column uses: teacher forward + 3 x student forward
+    # (the anchor's work; the CLS shortcut does less, and is credited with the same count).
     tokens, d, depth = (32 // 16) ** 2 + 1, 32, 2
     fwd = depth * (24 * d * d * tokens + 4 * tokens * tokens * d) + 2 * tokens * 3 * 16 * 16 * d
-    assert jax_rows[0]["analytic GFLOP/step"] == pytest.approx(4 * 4 * fwd / 1e9)
+    assert all(r["analytic GFLOP/step"] == pytest.approx(4 * 4 * fwd / 1e9) for r in jax_rows)
+    # --profile: the step's device time split by XLA op (here the CPU's thunks).
+    for r in jax_rows:
+        assert r["profile"]["device_ms"] > 0 and r["profile"]["ops"] and "profile: cmu step 32 px" in out
     # On this machine PyTorch either is absent, has no CUDA, or ran the anchor beside us.
     torch_info = json.loads(rows_json.read_text())["torch"]
     if "skipped" in torch_info:
@@ -48,7 +53,7 @@ def test_cmu_step_tiny(tmp_path):
     else:
         assert "ratio ours / torch eager at 32 px, batch 4" in out
     recorded = results.read_text()
-    assert "## cmu_step (tiny)" in recorded and "| jax | xla | 32 | 4 |" in recorded
+    assert "## cmu_step (tiny)" in recorded and "| jax | xla | on | 32 | 4 |" in recorded
 
 
 def test_def_step_toy_inference(tmp_path):

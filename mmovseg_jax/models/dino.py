@@ -85,22 +85,29 @@ class Model(nnx.Module):
         return x + pos[None]
 
     def __call__(self, images: jax.Array, block_indices: Sequence[int] = (-1,),
-                 norm: bool = True) -> tuple[jax.Array, ...]:
+                 norm: bool = True, cls_only: bool = False, remat: str = "none") -> tuple[jax.Array, ...]:
         """Tokens after each requested block (0-based; -1 is the last).
 
         images: (B, H, W, 3) normalised pixels, H and W divisible by the patch size.
         Returns one (B, 1 + H/p * W/p, D) float32 array per index, CLS token first,
-        passed through the final LayerNorm when `norm` is set.
+        passed through the final LayerNorm when `norm` is set. With `cls_only` each is
+        the CLS token alone, (B, 1, D), the same values: the deepest requested block
+        then runs for the CLS query only, since no other token of it is read. `remat`
+        ("none" | "full" | "dots", see layers.rematted) trades the blocks' stored
+        activations for recomputation when differentiating.
         """
         wanted = layers.normalize_block_indices(block_indices, self.config.depth)
+        run = layers.rematted(lambda blk, h: blk(h), remat)
         x = self.embed(images)
         outputs = {}
         for i, block in enumerate(self.blocks):
             if i > max(wanted):
                 break
-            x = block(x)
+            last = i == max(wanted)
+            x = block.cls_call(x) if cls_only and last else run(block, x)
             if i in wanted:
-                outputs[i] = self.norm(x) if norm else x
+                y = x[:, :1] if cls_only else x
+                outputs[i] = self.norm(y) if norm else y
         return tuple(outputs[i] for i in wanted)
 
 

@@ -279,21 +279,23 @@ class Model(nnx.Module):
         return jnp.concatenate([prefix, x.astype(jnp.float32)], axis=1), grid
 
     def __call__(self, images: jax.Array, block_indices: Sequence[int] = (-1,),
-                 norm: bool = True) -> tuple[jax.Array, ...]:
+                 norm: bool = True, remat: str = "none") -> tuple[jax.Array, ...]:
         """Tokens after each requested block (0-based; -1 is the last).
 
         images: (B, H, W, 3) normalised pixels, H and W divisible by the patch size.
         Returns one (B, 1 + R + H/p * W/p, D) float32 array per index: CLS, the R register
         tokens, then the patch tokens (row-major), through the final LayerNorm when `norm`.
+        `remat`: recompute the blocks' activations when differentiating (layers.rematted).
         """
         wanted = layers.normalize_block_indices(block_indices, self.config.depth)
+        run = layers.rematted(lambda blk, h, s, c: blk(h, s, c), remat)
         x, grid = self.embed(images)
         sin, cos = (jnp.asarray(t) for t in rope_tables(self.config, grid))
         outputs = {}
         for i, block in enumerate(self.blocks):
             if i > max(wanted):
                 break
-            x = block(x, sin, cos)
+            x = run(block, x, sin, cos)
             if i in wanted:
                 outputs[i] = self.norm(x) if norm else x
         return tuple(outputs[i] for i in wanted)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from mmovseg_jax import losses
 from mmovseg_jax.data import sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
-from mmovseg_jax.models import dino, dinov3, params, storage
+from mmovseg_jax.models import dino, dinov3, layers, params, storage
 from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
 from mmovseg_jax.train.reporting import Reporter
@@ -41,10 +41,11 @@ class Dinov3Tokens(dinov3.Model):
     (B, 1+N, D) layout CMU's embeddings read. Same parameters as dinov3.Model (saved and
     loaded as family "dinov3")."""
 
-    def __call__(self, images: jax.Array, block_indices=(-1,), norm: bool = True) -> tuple[jax.Array, ...]:
+    def __call__(self, images: jax.Array, block_indices=(-1,), norm: bool = True,
+                 remat: str = "none") -> tuple[jax.Array, ...]:
         r = self.config.num_register_tokens
         return tuple(jnp.concatenate([x[:, :1], x[:, 1 + r:]], axis=1)
-                     for x in super().__call__(images, block_indices, norm))
+                     for x in super().__call__(images, block_indices, norm, remat))
 
     def patch_tokens(self, images: jax.Array, block_indices) -> tuple[jax.Array, ...]:
         """Normalised patch tokens (B, N, D) per requested block, as dinov3.Model's."""
@@ -118,6 +119,20 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
     without gradients; only the aligner's parameters have optimiser state. The new state
     keeps `state_shardings`; the state passed in is donated."""
     blocks = tuple(config.blocks)
+    # Where the loss reads only CLS tokens, DINO encoders return just those and run their
+    # deepest block for the CLS query alone: the same values for less work.
+    cls_shortcut = config.loss.embedding == "cls" and config.get("cls_shortcut", True)
+    # The student's blocks may recompute their activations in the backward pass
+    # (config.remat: none | full | dots) to fit larger batches; the teacher keeps none anyway.
+    student_remat = config.get("remat", "none")
+    if student_remat not in layers.REMAT_POLICIES:
+        raise ValueError(f"config.remat: {student_remat!r} is not one of {layers.REMAT_POLICIES}")
+
+    def tokens(model, images, remat="none"):
+        if cls_shortcut and type(model) is dino.Model:
+            return model(images, blocks, cls_only=True, remat=remat)
+        return model(images, blocks, remat=remat)
+
     # FSDP: weights are gathered whole for the forward and backward passes, gradients are
     # reduce-scattered back to the parameters' shards; activations stay split by batch.
     gathered = jax.tree.map(lambda _: sharding.replicated(mesh), state_shardings["params"])
@@ -126,11 +141,11 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
         rgb, sar = prepare(batch)
         teacher = nnx.merge(teacher_def, jax.lax.with_sharding_constraint(
             teacher_params, jax.tree.map(lambda _: sharding.replicated(mesh), teacher_params)))
-        teacher_tokens = jax.lax.stop_gradient(teacher(rgb, blocks))
+        teacher_tokens = jax.lax.stop_gradient(tokens(teacher, rgb))
 
         def loss_fn(p):
             aligner = nnx.merge(aligner_def, jax.lax.with_sharding_constraint(p, gathered))
-            loss = alignment_loss(aligner, aligner.student(sar, blocks), teacher_tokens, config.loss, mesh)
+            loss = alignment_loss(aligner, tokens(aligner.student, sar, student_remat), teacher_tokens, config.loss, mesh)
             return loop.inject_nan(loss, state["step"], config.faults)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])

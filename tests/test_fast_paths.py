@@ -1,0 +1,171 @@
+"""The exact speed-ups of the encoders and the CMU step compute what the plain forms do.
+
+- PatchEmbed as one matrix multiply over flattened patches equals the strided convolution
+  with the same kernel.
+- Attention's query/key/value (and key/value) projections as one GEMM over concatenated
+  kernels equal the separate layers.
+- DINO's `cls_only` (deepest block for the CLS query only) gives the CLS token of the full
+  forward pass, values and parameter gradients.
+- The CMU train step with `config.cls_shortcut` on equals it off (loss, updated weights).
+- Rematerialised blocks (`remat` full / dots) give the same values and gradients, and cut
+  the CMU step's compiled activation memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import cmu as cmu_configs
+from mmovseg_jax.models import dino, dinov3, layers
+from mmovseg_jax.train import cmu, loop, optim, sharding
+
+
+@pytest.mark.parametrize("dtype,bias,shape", [(jnp.float32, True, (2, 48, 80, 3)), (jnp.bfloat16, False, (1, 32, 32, 3))])
+def test_patch_embed_is_the_convolution(dtype, bias, shape):
+    embed = layers.PatchEmbed(16, 24, bias=bias, dtype=dtype, rngs=nnx.Rngs(0))
+    if bias:  # a non-zero bias, so that adding it is checked too
+        embed.proj.bias[...] = jax.random.normal(jax.random.key(3), (24,))
+    x = jax.random.normal(jax.random.key(1), shape)
+    out, grid = embed(x)
+    ref = embed.proj(x)  # the convolution the parameters belong to
+    assert grid == (shape[1] // 16, shape[2] // 16) and out.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref.reshape(out.shape), np.float32),
+                               atol=1e-5 if dtype == jnp.float32 else 2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_fused_projections_equal_the_separate_layers(qkv_bias):
+    attn = layers.Attention(32, 4, qkv_bias=qkv_bias, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 7, 32))
+    with jax.default_matmul_precision("highest"):
+        fused = attn._projections(x, ("query", "key", "value"))
+        for y, name in zip(fused, ("query", "key", "value")):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(getattr(attn, name)(x)), atol=1e-6, rtol=0)
+        k, v = attn._projections(x, ("key", "value"))
+        np.testing.assert_allclose(np.asarray(k), np.asarray(attn.key(x)), atol=1e-6, rtol=0)
+
+
+def _tiny(**kw) -> dino.Config:
+    return dino.Config(patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64, image_size=32, **kw)
+
+
+@pytest.mark.parametrize("blocks,norm", [((0, 2), True), ((-1,), False), ((1,), True)])
+def test_cls_only_equals_the_full_forward(blocks, norm):
+    model = dino.Model(_tiny(), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (3, 32, 40, 3))
+    graphdef, params = nnx.split(model)
+
+    def loss(p, cls_only):
+        outs = nnx.merge(graphdef, p)(x, blocks, norm=norm, cls_only=cls_only)
+        return sum(jnp.sum(jnp.sin(o[:, 0])) for o in outs), outs
+
+    with jax.default_matmul_precision("highest"):
+        (full_loss, full), full_grads = jax.value_and_grad(loss, has_aux=True)(params, False)
+        (fast_loss, fast), fast_grads = jax.value_and_grad(loss, has_aux=True)(params, True)
+    for f, c in zip(full, fast):
+        assert c.shape == (3, 1, 32)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(f[:, :1]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(fast_loss), float(full_loss), atol=1e-5)
+    # float32 sums in another order: judged relative to the largest gradient (some, such as
+    # the key bias's, are zero up to rounding)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full_grads))
+    for g_fast, g_full in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(np.asarray(g_fast), np.asarray(g_full), atol=2e-6 * scale, rtol=0)
+    # the gradient reaches the deepest block's query (the CLS query path is live)
+    deepest = max(layers.normalize_block_indices(blocks, 3))
+    assert float(jnp.abs(fast_grads["blocks"][deepest]["attn"]["query"]["kernel"][...]).max()) > 0
+
+
+def _cmu_run(cls_shortcut: bool, steps: int = 2):
+    c = cmu_configs.get_config()
+    c.cls_shortcut = cls_shortcut
+    c.loss.embedding, c.loss.symmetric = "cls", True
+    c.model.update(width=32, depth=2, num_heads=2, image_size=32)
+    c.blocks = (0, 1)
+    c.global_batch_size = 4
+    mesh = sharding.make_mesh(1, 1)
+    teacher = cmu.build_teacher(c)
+    aligner = cmu.Aligner(teacher.config, 2, rngs=nnx.Rngs(1))
+    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
+    aligner_def, aligner_params = nnx.split(aligner)
+    teacher_def, teacher_params = nnx.split(teacher)
+    tx, lr = optim.make(c.optimizer, c.total_steps)
+    state = loop.initial_state(aligner_params, tx.init(aligner_params))
+    shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
+    state = jax.device_put(state, shardings)
+    step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, c, mesh, shardings)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        batch = {"rgb": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+                 "sar": rng.integers(0, 256, (4, 32, 32), dtype=np.uint8)}
+        state, metrics = step(state, teacher_params, sharding.to_global(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, state["params"]
+
+
+def test_cmu_step_cls_shortcut_changes_nothing():
+    with jax.default_matmul_precision("highest"):
+        off_losses, off_params = _cmu_run(False)
+        on_losses, on_params = _cmu_run(True)
+    np.testing.assert_allclose(on_losses, off_losses, atol=1e-5, rtol=0)
+    assert off_losses[0] != off_losses[1]
+    for a, b in zip(jax.tree.leaves(on_params), jax.tree.leaves(off_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["dino", "dinov3"])
+def test_remat_keeps_values_and_gradients(family):
+    if family == "dino":
+        model = dino.Model(_tiny(), rngs=nnx.Rngs(0))
+    else:
+        model = dinov3.Model(dinov3.Config(patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64,
+                                           image_size=32, num_register_tokens=2), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+    graphdef, params = nnx.split(model)
+
+    def loss(p, remat):
+        return sum(jnp.sum(jnp.sin(o)) for o in nnx.merge(graphdef, p)(x, (0, 2), remat=remat))
+
+    ref_loss, ref = jax.value_and_grad(loss)(params, "none")
+    for policy in ("full", "dots"):
+        value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, policy)
+        np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="remat policy"):
+        model(x, (0,), remat="some")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA's CPU buffer assignment does not show remat's "
+                    "saving (even a plain jax.checkpoint chain of matmuls reports more temporary memory there)")
+def test_remat_cuts_the_cmu_steps_activation_memory():
+    """Compiled temporary memory of the CMU step (dense loss) with the student's blocks
+    rematerialised is below the step that keeps every activation (GPU)."""
+    def temp_bytes(remat):
+        c = cmu_configs.get_config()
+        c.remat = remat
+        c.model.update(width=64, depth=4, num_heads=2, image_size=64)
+        c.blocks = (1, 3)
+        c.global_batch_size = 16
+        mesh = sharding.make_mesh(1, 1)
+        teacher = cmu.build_teacher(c)
+        aligner = cmu.Aligner(teacher.config, 2, rngs=nnx.Rngs(1))
+        aligner_def, aligner_params = nnx.split(aligner)
+        teacher_def, teacher_params = nnx.split(teacher)
+        tx, lr = optim.make(c.optimizer, c.total_steps)
+        state = loop.initial_state(aligner_params, tx.init(aligner_params))
+        shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
+        step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, c, mesh, shardings)
+        batch = {"rgb": jax.ShapeDtypeStruct((16, 64, 64, 3), jnp.uint8),
+                 "sar": jax.ShapeDtypeStruct((16, 64, 64), jnp.uint8)}
+        return step.lower(state, teacher_params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    none, full = temp_bytes("none"), temp_bytes("full")
+    assert full < 0.8 * none, (full, none)
