@@ -81,6 +81,21 @@ def test_cls_only_equals_the_full_forward(blocks, norm):
     assert float(jnp.abs(fast_grads["blocks"][deepest]["attn"]["query"]["kernel"][...]).max()) > 0
 
 
+def _cmu_step(c):
+    """(jitted CMU train step, initial state, teacher params, mesh) for config `c`, one device."""
+    mesh = sharding.make_mesh(1, 1)
+    teacher = cmu.build_teacher(c)
+    aligner = cmu.Aligner(teacher.config, len(c.blocks), rngs=nnx.Rngs(1))
+    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
+    aligner_def, aligner_params = nnx.split(aligner)
+    teacher_def, teacher_params = nnx.split(teacher)
+    tx, lr = optim.make(c.optimizer, c.total_steps)
+    state = loop.initial_state(aligner_params, tx.init(aligner_params))
+    shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
+    step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, c, mesh, shardings)
+    return step, jax.device_put(state, shardings), teacher_params, mesh
+
+
 def _cmu_run(cls_shortcut: bool, steps: int = 2):
     c = cmu_configs.get_config()
     c.cls_shortcut = cls_shortcut
@@ -88,17 +103,7 @@ def _cmu_run(cls_shortcut: bool, steps: int = 2):
     c.model.update(width=32, depth=2, num_heads=2, image_size=32)
     c.blocks = (0, 1)
     c.global_batch_size = 4
-    mesh = sharding.make_mesh(1, 1)
-    teacher = cmu.build_teacher(c)
-    aligner = cmu.Aligner(teacher.config, 2, rngs=nnx.Rngs(1))
-    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
-    aligner_def, aligner_params = nnx.split(aligner)
-    teacher_def, teacher_params = nnx.split(teacher)
-    tx, lr = optim.make(c.optimizer, c.total_steps)
-    state = loop.initial_state(aligner_params, tx.init(aligner_params))
-    shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
-    state = jax.device_put(state, shardings)
-    step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, c, mesh, shardings)
+    step, state, teacher_params, mesh = _cmu_step(c)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
@@ -153,15 +158,7 @@ def test_remat_cuts_the_cmu_steps_activation_memory():
         c.model.update(width=64, depth=4, num_heads=2, image_size=64)
         c.blocks = (1, 3)
         c.global_batch_size = 16
-        mesh = sharding.make_mesh(1, 1)
-        teacher = cmu.build_teacher(c)
-        aligner = cmu.Aligner(teacher.config, 2, rngs=nnx.Rngs(1))
-        aligner_def, aligner_params = nnx.split(aligner)
-        teacher_def, teacher_params = nnx.split(teacher)
-        tx, lr = optim.make(c.optimizer, c.total_steps)
-        state = loop.initial_state(aligner_params, tx.init(aligner_params))
-        shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
-        step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, c, mesh, shardings)
+        step, state, teacher_params, _ = _cmu_step(c)
         batch = {"rgb": jax.ShapeDtypeStruct((16, 64, 64, 3), jnp.uint8),
                  "sar": jax.ShapeDtypeStruct((16, 64, 64), jnp.uint8)}
         return step.lower(state, teacher_params, batch).compile().memory_analysis().temp_size_in_bytes
