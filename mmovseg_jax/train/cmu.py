@@ -145,7 +145,8 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
 
         def loss_fn(p):
             aligner = nnx.merge(aligner_def, jax.lax.with_sharding_constraint(p, gathered))
-            loss = alignment_loss(aligner, tokens(aligner.student, sar, student_remat), teacher_tokens, config.loss, mesh)
+            student_tokens = tokens(aligner.student, sar, student_remat)
+            loss = alignment_loss(aligner, student_tokens, teacher_tokens, config.loss, mesh)
             return loop.inject_nan(loss, state["step"], config.faults)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
