@@ -215,7 +215,7 @@ def measured_matmul_tflops(n: int | None = None, repeats: int = 10) -> float:
 
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
     matmul = jax.jit(lambda x, y: x @ y)
-    seconds, _ = time_loop(lambda c: matmul(a, b), None, repeats, 2)
+    seconds, _ = time_loop(lambda _: matmul(a, b), None, repeats, 2)
     return 2 * n ** 3 / seconds / 1e12
 
 
@@ -230,9 +230,10 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def kernel_profile(call: Callable[[], Any], steps: int = 3, top: int = 20) -> dict[str, Any]:
-    """Device time per step of `call()` (compiled and warmed up), split by XLA op, from a
-    `jax.profiler` trace read back with `jax.profiler.ProfileData`.
+def kernel_profile(step: Callable[[Any], Any], carry: Any, steps: int = 3, top: int = 20) -> dict[str, Any]:
+    """Device time per call of `carry = step(carry)` (as `time_loop`'s; compiled and warmed
+    up), split by XLA op, from a `jax.profiler` trace read back with
+    `jax.profiler.ProfileData`.
 
     Returns {"device_ms": busy kernel time per step, "kinds": {kind: ms per step},
     "ops": the `top` ops by time, each {"op", "ms", "share", "kind", "kernel", "source"}}.
@@ -247,10 +248,9 @@ def kernel_profile(call: Callable[[], Any], steps: int = 3, top: int = 20) -> di
 
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
-            out = None
             for _ in range(steps):
-                out = call()
-            jax.block_until_ready(out)
+                carry = step(carry)
+            jax.block_until_ready(carry)
         files = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
         if not files:
             return {"error": "the profiler wrote no trace"}

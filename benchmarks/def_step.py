@@ -169,9 +169,8 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = fn.lower(state, rgb, sar, text).compile()
         compile_s = time.perf_counter() - start
-        run = lambda _: compiled(state, rgb, sar, text)  # noqa: E731
-        seconds, _ = common.time_loop(run, None, steps, warmup)
-        call = lambda: run(None)  # noqa: E731
+        step, carry = (lambda _: compiled(state, rgb, sar, text)), None
+        seconds, _ = common.time_loop(step, carry, steps, warmup)
         config = None
     else:
         config = train_config(variant, batch, dtype)
@@ -180,12 +179,8 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = step.lower(state, frozen, batch_in, tokens).compile()
         compile_s = time.perf_counter() - start
-        seconds, state = common.time_loop(lambda st: compiled(st, frozen, batch_in, tokens)[0], state, steps, warmup)
-        holder = [state]
-
-        def call():
-            holder[0] = compiled(holder[0], frozen, batch_in, tokens)[0]
-            return holder[0]
+        step = lambda st: compiled(st, frozen, batch_in, tokens)[0]  # noqa: E731
+        seconds, carry = common.time_loop(step, state, steps, warmup)
     flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes,
                           config if config is not None else train_config(variant, batch, dtype))
     tflops = flops / seconds / 1e12 if flops else None
@@ -196,7 +191,7 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
            "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "enc MFU": common.mfu_text(enc_tflops, peak),
            "enc MFU vs measured": common.mfu_text(enc_tflops, measured_peak), "compile s": compile_s}
     if profile:
-        row["profile"] = common.kernel_profile(call)
+        row["profile"] = common.kernel_profile(step, carry)
         print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}"), flush=True)
     return row
 
@@ -230,7 +225,7 @@ def main(argv=None) -> list[dict]:
     info = common.device_info()
     measured = common.measured_matmul_tflops() if args.measure_peak else None
     if measured:
-        print(f"bf16 8192^3 matmul: {measured:.1f} TFLOP/s", flush=True)
+        print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
     rows = []
     for mode, batch, attention in ((m, b, a.strip()) for m in modes for b in batches
                                    for a in args.attention.split(",")):
