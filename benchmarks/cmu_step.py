@@ -36,15 +36,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
 from configs import cmu as cmu_configs  # noqa: E402
 from mmovseg_jax.models import dino  # noqa: E402
-from mmovseg_jax.train import cmu, optim, sharding  # noqa: E402
+from mmovseg_jax.train import cmu, sharding  # noqa: E402
 
 # Per variant: the teacher/student architecture and the default image sizes.
 VARIANTS = {
@@ -104,23 +102,18 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(batch, mesh)
     tcfg = teacher_config(config, attention)
-    # Random weights in one jitted fill (common.random_init): the values do not change the speed.
+    # Random weights drawn on the host (common.random_init): the values do not change the speed.
     teacher = common.random_init(lambda: dino.Model(tcfg, rngs=nnx.Rngs(config.seed)), config.seed)
     aligner = common.random_init(lambda: cmu.Aligner(
         tcfg, len(config.blocks), config.loss.projection_dim, config.loss.temperature,
         config.loss.learn_temperature, rngs=nnx.Rngs(config.seed + 1)), config.seed + 1)
-    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
-    aligner_def, aligner_params = nnx.split(aligner)
-    teacher_def, teacher_params = nnx.split(teacher)
-    tx, lr = optim.make(config.optimizer, config.total_steps)
-    state = common.initial_state(aligner_params, tx.init(aligner_params))
-    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
-    state = jax.device_put(state, state_shardings)
-    teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
+    setup = cmu.place(aligner, teacher, config, mesh)  # as cmu.run places them
+    state, teacher_params = setup.state, setup.teacher_params
     rng = np.random.default_rng(0)
     batch_arrays = sharding.to_global({"rgb": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
                                        "sar": rng.integers(0, 256, (batch, size, size), dtype=np.uint8)}, mesh)
-    train_step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, config, mesh, state_shardings)
+    train_step = cmu.make_train_step(setup.aligner_def, setup.teacher_def, setup.tx, setup.lr, config, mesh,
+                                     setup.state_shardings)
 
     start = time.perf_counter()
     lowered = train_step.lower(state, teacher_params, batch_arrays)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from configs import cmu as cmu_configs
 from mmovseg_jax.models import dino, dinov3, layers
-from mmovseg_jax.train import cmu, loop, optim, sharding
+from mmovseg_jax.train import cmu, sharding
 
 
 @pytest.mark.parametrize("dtype,bias,shape", [(jnp.float32, True, (2, 48, 80, 3)), (jnp.bfloat16, False, (1, 32, 32, 3))])
@@ -85,15 +85,9 @@ def _cmu_step(c):
     """(jitted CMU train step, initial state, teacher params, mesh) for config `c`, one device."""
     mesh = sharding.make_mesh(1, 1)
     teacher = cmu.build_teacher(c)
-    aligner = cmu.Aligner(teacher.config, len(c.blocks), rngs=nnx.Rngs(1))
-    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
-    aligner_def, aligner_params = nnx.split(aligner)
-    teacher_def, teacher_params = nnx.split(teacher)
-    tx, lr = optim.make(c.optimizer, c.total_steps)
-    state = loop.initial_state(aligner_params, tx.init(aligner_params))
-    shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
-    step = cmu.make_train_step(aligner_def, teacher_def, tx, lr, c, mesh, shardings)
-    return step, jax.device_put(state, shardings), teacher_params, mesh
+    s = cmu.place(cmu.Aligner(teacher.config, len(c.blocks), rngs=nnx.Rngs(1)), teacher, c, mesh)
+    step = cmu.make_train_step(s.aligner_def, s.teacher_def, s.tx, s.lr, c, mesh, s.state_shardings)
+    return step, s.state, s.teacher_params, mesh
 
 
 def _cmu_run(cls_shortcut: bool, steps: int = 2):

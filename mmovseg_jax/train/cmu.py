@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +233,35 @@ def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
     return encoder_class(cfg)(cfg, rngs=nnx.Rngs(config.seed))
 
 
+class Setup(NamedTuple):
+    """What `place` returns: the graph definitions, the optimiser and its schedule, and the
+    train state and teacher weights on the mesh (with the state's shardings)."""
+
+    aligner_def: Any
+    teacher_def: Any
+    tx: optax.GradientTransformation
+    lr: optax.Schedule
+    state: dict
+    state_shardings: Any
+    teacher_params: Any
+
+
+def place(aligner: Aligner, teacher: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+    """Starts the student as a copy of the teacher (a copy: the step donates the student's
+    buffers), builds the optimiser and the train state, and puts the state and the teacher
+    on `mesh` (the teacher split over fsdp when config.mesh.shard_teacher, else replicated)."""
+    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
+    aligner_def, aligner_params = nnx.split(aligner)
+    teacher_def, teacher_params = nnx.split(teacher)
+    tx, lr = optim.make(config.optimizer, config.total_steps)
+    state = loop.initial_state(aligner_params, tx.init(aligner_params))
+    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
+    teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh, config.mesh.rules)
+                                    if config.mesh.shard_teacher else sharding.replicated(mesh))
+    return Setup(aligner_def, teacher_def, tx, lr, jax.device_put(state, state_shardings), state_shardings,
+                 teacher_params)
+
+
 def _eval_batches(source, config) -> list[dict]:
     it = sources.eval_iterator(source, config)
     return [{"rgb": b["rgb"], "sar": b["sar"]} for b in it]
@@ -255,17 +285,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{jax.devices()[0].platform} devices; global batch {config.global_batch_size}", flush=True)
     aligner = Aligner(teacher.config, len(config.blocks), config.loss.projection_dim, config.loss.temperature,
                       config.loss.learn_temperature, rngs=nnx.Rngs(config.seed + 1))
-    # The student starts as the teacher (a copy: the step donates the student's buffers).
-    nnx.update(aligner.student, jax.tree.map(jnp.copy, nnx.state(teacher, nnx.Param)))
-    aligner_def, aligner_params = nnx.split(aligner)
-    teacher_def, teacher_params = nnx.split(teacher)
-
-    tx, lr = optim.make(config.optimizer, config.total_steps)
-    state = loop.initial_state(aligner_params, tx.init(aligner_params))
-    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
-    state = jax.device_put(state, state_shardings)
-    teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh, config.mesh.rules)
-                                    if config.mesh.shard_teacher else sharding.replicated(mesh))
+    setup = place(aligner, teacher, config, mesh)
+    aligner_def, teacher_def, tx, lr = setup.aligner_def, setup.teacher_def, setup.tx, setup.lr
+    state, state_shardings, teacher_params = setup.state, setup.state_shardings, setup.teacher_params
     if jax.process_index() == 0:
         sizes = [(x.size, x.sharding.is_fully_replicated) for x in jax.tree.leaves(state["params"])]
         total = sum(n for n, _ in sizes)
