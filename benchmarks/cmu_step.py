@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -52,14 +53,16 @@ VARIANTS = {
 ANCHOR_BATCH = {224: 128, 384: 48}  # shared/bench/torch_cmu_anchor.py
 ANCHOR_PATHS = (HERE.parent.parent / "shared" / "bench" / "torch_cmu_anchor.py",
                 HERE.parent / ".shared_copy" / "bench" / "torch_cmu_anchor.py")
-COLUMNS = ("impl", "attention", "cls shortcut", "size", "batch", "step ms", "img/s", "TFLOP/s", "MFU",
+COLUMNS = ("impl", "attention", "cls shortcut", "fp8", "f8 GEMMs", "size", "batch", "step ms", "img/s", "TFLOP/s", "MFU",
            "MFU vs measured", "remat", "temp GiB", "XLA GFLOP/step", "compile s", "ratio vs torch eager")
 
 
 def make_config(variant: str, size: int, batch: int, dtype: str, cls_shortcut: bool = True,
-                remat: str = "none"):
-    """configs/cmu.py "paper" with the anchor's model size, batch and loss."""
+                remat: str = "none", fp8: bool = False):
+    """configs/cmu.py "paper" with the anchor's model size, batch and loss (`fp8`: the
+    teacher's and student's block GEMMs in float8, config.model.fp8)."""
     c = cmu_configs.get_config("paper")
+    c.model.fp8 = fp8
     c.cls_shortcut = cls_shortcut
     c.remat = remat
     c.teacher_required = False
@@ -83,7 +86,7 @@ def teacher_config(config, attention: str) -> dino.Config:
     m = config.model
     base = dino.VARIANTS[m.variant] if m.variant else dino.Config(
         patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=4 * m.width)
-    return dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=attention)
+    return dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=attention, fp8=m.fp8)
 
 
 def analytic_flops(cfg: dino.Config, size: int, batch: int) -> float:
@@ -95,10 +98,10 @@ def analytic_flops(cfg: dino.Config, size: int, batch: int) -> float:
 
 def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, steps: int, warmup: int,
               peak: float | None, cls_shortcut: bool = True, measured_peak: float | None = None,
-              profile: bool = False, remat: str = "none") -> dict:
+              profile: bool = False, remat: str = "none", fp8: bool = False) -> dict:
     """Builds the step as cmu.run does, compiles it, times it (and with `profile`, splits
     its device time by XLA op); one result row."""
-    config = make_config(variant, size, batch, dtype, cls_shortcut, remat)
+    config = make_config(variant, size, batch, dtype, cls_shortcut, remat, fp8)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(batch, mesh)
     tcfg = teacher_config(config, attention)
@@ -127,7 +130,8 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     flops = analytic_flops(tcfg, size, batch)
     hlo_flops = common.xla_flops(lowered)
     tflops = flops / seconds / 1e12
-    row = {"impl": "jax", "attention": attention, "cls shortcut": "on" if cls_shortcut else "off", "size": size,
+    row = {"impl": "jax", "attention": attention, "cls shortcut": "on" if cls_shortcut else "off",
+           "fp8": "on" if fp8 else "off", "f8 GEMMs": common.float8_gemms(compiled) if fp8 else None, "size": size,
            "batch": batch, "step ms": 1e3 * seconds, "img/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "MFU vs measured": common.mfu_text(tflops, measured_peak),
            "remat": remat, "temp GiB": common.temp_gib(compiled),
@@ -136,7 +140,7 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     if profile:
         row["profile"] = common.kernel_profile(step, state)
         print(common.profile_text(row["profile"], f"profile: cmu step {size} px, {attention}, cls shortcut "
-                                                  f"{row['cls shortcut']}"), flush=True)
+                                                  f"{row['cls shortcut']}, fp8 {row['fp8']}"), flush=True)
     return row
 
 
@@ -211,6 +215,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--cls-shortcut", default="on", choices=("on", "off", "both"),
                    help="config.cls_shortcut: the deepest block for the CLS query only (on, the default), "
                         "every token (off, as the anchor), or a row of each")
+    p.add_argument("--fp8", default="off", choices=("on", "off", "both"),
+                   help="config.model.fp8: float8 block GEMMs in teacher and student (changes results; off, the "
+                        "default), or a row of each; the f8 GEMMs column counts those XLA compiled")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                    help="config.remat: recompute the student's block activations in the backward pass")
     p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op "
@@ -246,20 +253,19 @@ def main(argv=None) -> list[dict]:
     measured = common.measured_matmul_tflops() if args.measure_peak else None
     if measured:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
-    shortcuts = {"on": (True,), "off": (False,), "both": (False, True)}[args.cls_shortcut]
+    choices = {"on": (True,), "off": (False,), "both": (False, True)}
     rows = []
-    for size in sizes:
-        for attention in attentions:
-            for shortcut in shortcuts:
-                try:
-                    rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
-                                          args.warmup, peak, shortcut, measured, args.profile, args.remat))
-                except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
-                    rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
-                                 "cls shortcut": "on" if shortcut else "off",
-                                 "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
-                print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
-                      flush=True)
+    for size, attention, shortcut, fp8 in itertools.product(sizes, attentions, choices[args.cls_shortcut],
+                                                            choices[args.fp8]):
+        try:
+            rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
+                                  args.warmup, peak, shortcut, measured, args.profile, args.remat, fp8))
+        except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
+            rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
+                         "cls shortcut": "on" if shortcut else "off", "fp8": "on" if fp8 else "off",
+                         "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+        print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
+              flush=True)
     rows += torch_rows(anchor_results, peak, measured)
     eager = {(r["size"], r["batch"]): r["img/s"] for r in rows if r["impl"] == "torch eager" and r.get("img/s")}
     for r in rows:
@@ -276,7 +282,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         if r.get("ratio vs torch eager"):
             print(f"ratio ours / torch eager at {r['size']} px, batch {r['batch']}, attention {r['attention']}, "
-                  f"cls shortcut {r['cls shortcut']}: "
+                  f"cls shortcut {r['cls shortcut']}, fp8 {r.get('fp8', 'off')}: "
                   f"{r['ratio vs torch eager']}")
     out = common.results_path(args)
     if out is not None:

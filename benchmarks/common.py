@@ -145,6 +145,19 @@ def temp_gib(compiled) -> float | None:
         return None
 
 
+def float8_gemms(compiled) -> int:
+    """Matrix multiplies of a compiled computation that read float8 operands: GEMM custom
+    calls (cuBLASLt's `__cublas$lt$matmul$f8`) and GEMM fusions (Triton) in its optimised
+    HLO. On a GPU, nonzero shows that XLA turned the float8 quantise/dequantise pattern of
+    ops/fp8.py into float8 GEMMs; 0 there means it did not. CPUs run none (always 0)."""
+    count = 0
+    for line in compiled.as_text().splitlines():
+        gemm = "custom-call(" in line or ("fusion(" in line and "kind=kCustom" in line)
+        if gemm and ("f8e4m3fn[" in line.split("=", 1)[-1] or "f8e5m2[" in line.split("=", 1)[-1]):
+            count += 1
+    return count
+
+
 def vit_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int, patch: int, channels: int = 3) -> float:
     """Matmul FLOPs of one ViT forward pass for one image: per block the q/k/v/out and MLP
     projections (2 * T * (4 d^2 + 2 d m)) and the two attention products (4 T^2 d), plus

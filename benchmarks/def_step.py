@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import sys
 import time
@@ -42,7 +43,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from mmovseg_jax.models import layers, mmovseg  # noqa: E402
+from mmovseg_jax.models import layers, mmovseg, storage  # noqa: E402
 from mmovseg_jax.train import def_stage, optim, sharding  # noqa: E402
 
 def_configs = importlib.import_module("configs.def")  # "def" is a keyword
@@ -60,15 +61,15 @@ def _toy() -> mmovseg.Config:
     return dataclasses.replace(cfg, clip=clip_cfg, dino=dataclasses.replace(cfg.dino, depth=2),
                                head=dataclasses.replace(cfg.head, num_layers=0),
                                clip_guidance_blocks=(0, 1), dino_blocks=(0, 1, 1), image_size=64)
-COLUMNS = ("mode", "attention", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
+COLUMNS = ("mode", "attention", "fp8", "f8 GEMMs", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
            "GFLOP/tile", "enc TFLOP/tile", "enc MFU", "enc MFU vs measured", "compile s")
 
 
-def model_config(variant: str, dtype: str, attention: str) -> mmovseg.Config:
-    """The variant's architecture in `dtype` with `attention` in every vision block."""
+def model_config(variant: str, dtype: str, attention: str, fp8: bool = False) -> mmovseg.Config:
+    """The variant's architecture in `dtype` with `attention` in every vision block and,
+    with `fp8`, their GEMMs in float8."""
     cfg = _toy() if variant == "toy" else mmovseg.VARIANTS[variant]
-    clip_cfg = dataclasses.replace(cfg.clip, vision=dataclasses.replace(cfg.clip.vision, attention=attention))
-    return dataclasses.replace(cfg, dtype=dtype, clip=clip_cfg, dino=dataclasses.replace(cfg.dino, attention=attention))
+    return storage.with_kernels(dataclasses.replace(cfg, dtype=dtype), attention, fp8)
 
 
 def encoder_flops(cfg: mmovseg.Config) -> float:
@@ -157,9 +158,10 @@ def lowered_flops(cfg_xla: mmovseg.Config, mode: str, batch: int, classes: int, 
 
 
 def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dtype: str, steps: int,
-          warmup: int, peak: float | None, measured_peak: float | None = None, profile: bool = False) -> dict:
+          warmup: int, peak: float | None, measured_peak: float | None = None, profile: bool = False,
+          fp8: bool = False) -> dict:
     """Compiles and times one mode; with `profile`, splits its device time by XLA op."""
-    cfg = model_config(variant, dtype, attention)
+    cfg = model_config(variant, dtype, attention, fp8)
     s = cfg.image_size
     if mode == "inference":
         fn, state, text = make_infer(cfg, False, classes)
@@ -185,14 +187,15 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
                           config if config is not None else train_config(variant, batch, dtype))
     tflops = flops / seconds / 1e12 if flops else None
     enc_tflops = encoder_flops(cfg) * batch / seconds / 1e12
-    row = {"mode": mode, "attention": attention, "size": s, "batch": batch, "classes": classes,
+    row = {"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off",
+           "f8 GEMMs": common.float8_gemms(compiled) if fp8 else None, "size": s, "batch": batch, "classes": classes,
            "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
            "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "enc MFU": common.mfu_text(enc_tflops, peak),
            "enc MFU vs measured": common.mfu_text(enc_tflops, measured_peak), "compile s": compile_s}
     if profile:
         row["profile"] = common.kernel_profile(step, carry)
-        print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}"), flush=True)
+        print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}, fp8 {row['fp8']}"), flush=True)
     return row
 
 
@@ -205,6 +208,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--modes", default="inference,train", help="comma list of inference, train")
     p.add_argument("--attention", default="xla", help="comma list of xla, cudnn, auto")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--fp8", default="off", choices=("on", "off", "both"),
+                   help="float8 GEMMs in the vision encoders' blocks (changes results; off, the default), or a "
+                        "row of each; the f8 GEMMs column counts those XLA compiled")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op")
     p.add_argument("--measure-peak", action="store_true",
@@ -227,13 +233,15 @@ def main(argv=None) -> list[dict]:
     if measured:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
     rows = []
-    for mode, batch, attention in ((m, b, a.strip()) for m in modes for b in batches
-                                   for a in args.attention.split(",")):
+    fp8_choices = {"on": (True,), "off": (False,), "both": (False, True)}[args.fp8]
+    for mode, batch, attention, fp8 in itertools.product(modes, batches, [a.strip() for a in args.attention.split(",")],
+                                                         fp8_choices):
         try:
             rows.append(bench(mode, args.variant, batch, classes, attention, args.dtype, args.steps,
-                              args.warmup, info["peak_tflops"], measured, args.profile))
+                              args.warmup, info["peak_tflops"], measured, args.profile, fp8))
         except Exception as e:  # e.g. cuDNN refusing a shape, out of memory: say so and go on
-            rows.append({"mode": mode, "attention": attention, "batch": batch, "classes": classes,
+            rows.append({"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off", "batch": batch,
+                         "classes": classes,
                          "size": model_config(args.variant, args.dtype, "xla").image_size,
                          "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
         print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",

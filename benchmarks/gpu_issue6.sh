@@ -12,11 +12,14 @@
 # would start with under 30 s left is skipped and says so.
 #   cmu224           cmu_step at 224 px, batch 128, cuDNN attention, CLS shortcut off and on,
 #                    the PyTorch eager anchor beside (ratio lines), matmul ceiling measured
+#   cmu224_fp8       the same step with float8 block GEMMs (config.model.fp8; changes results),
+#                    with the count of float8 GEMMs XLA compiled ("f8 GEMMs": 0 means the
+#                    quantise/dequantise pattern was not matched and nothing ran in float8)
 #   cmu224_profile   the same step split by XLA op (command buffers off), top ops printed
-#   def_profile      DEF inference (release shapes) split by XLA op, likewise
-#   attention_tests  tests/test_attention.py and test_fast_paths.py on the GPU
-#   def_infer        def_step inference, batch 8 and 32 (DEF_BATCHES), encoder MFU
+#   def_infer        def_step inference, batch 8 (DEF_BATCHES=8,32 adds 32), bf16 and fp8, encoder MFU
+#   def_profile      DEF inference (release shapes, bf16) split by XLA op (command buffers off)
 #   cmu224_flags     cmu_step 224 under XLA_FLAGS=$FLAGS_VARIANT (default: Triton GEMMs off)
+#   attention_tests  tests/test_attention.py, test_fast_paths.py and test_fp8.py on the GPU
 #   cmu224_remat     cmu_step 224 with the student's blocks rematerialised (speed and temp GiB)
 #   cmu224_xla       cmu_step 224 with XLA attention (not in the default list)
 #   cmu384           cmu_step at 384 px, batch 48, anchor beside
@@ -48,7 +51,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEF="--variant toy --steps 2 --warmup 1"; DEF_BATCHES=2
   INPUT="--records 8 --tile 96 --crop 64 --batch 4 --batches 2 --workers 0,1"
 else
-  CMU224="--sizes 224"; CMU384="--sizes 384"; DEF=""; DEF_BATCHES=${DEF_BATCHES:-8,32}
+  CMU224="--sizes 224"; CMU384="--sizes 384"; DEF=""; DEF_BATCHES=${DEF_BATCHES:-8}
   INPUT="--workers 0,4,16 --batch 16 --records 64"
 fi
 
@@ -77,16 +80,18 @@ run_stage() {
   case $1 in
     cmu224) stage "cmu_step 224" 150 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --cls-shortcut both \
               --measure-peak --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_224.json" ;;
+    cmu224_fp8) stage "cmu_step 224 fp8" 90 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --fp8 on \
+              --torch off --results "$RES" --json "$OUT/cmu_224_fp8.json" ;;
     cmu224_profile) stage "cmu_step 224 profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
               python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --profile --steps 5 \
               --json "$OUT/cmu_224_profile.json" ;;
     def_profile) stage "def_step inference profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
               python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn --profile --steps 5 \
               --json "$OUT/def_profile.json" ;;
-    attention_tests) stage "attention tests (GPU)" 130 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
-              tests/test_attention.py tests/test_fast_paths.py ;;
-    def_infer) stage "def_step inference" 120 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
-              --batch $DEF_BATCHES --measure-peak --results "$RES" --json "$OUT/def_inference.json" ;;
+    attention_tests) stage "attention and fp8 tests (GPU)" 150 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
+              tests/test_attention.py tests/test_fast_paths.py tests/test_fp8.py ;;
+    def_infer) stage "def_step inference" 150 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
+              --batch $DEF_BATCHES --fp8 both --measure-peak --results "$RES" --json "$OUT/def_inference.json" ;;
     cmu224_flags) stage "cmu_step 224 with XLA_FLAGS=$FLAGS_VARIANT" 80 env XLA_FLAGS="$FLAGS_VARIANT" \
               python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --json "$OUT/cmu_224_flags.json" ;;
     cmu224_remat) stage "cmu_step 224 remat full" 80 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
@@ -102,8 +107,8 @@ run_stage() {
     *) echo "!! unknown stage $1" ;;
   esac
 }
-for name in ${STAGES:-cmu224 cmu224_profile def_profile attention_tests def_infer cmu224_flags cmu224_remat cmu384 input \
-               def_train}; do
+for name in ${STAGES:-cmu224 cmu224_fp8 cmu224_profile def_infer def_profile cmu224_flags attention_tests cmu224_remat \
+               cmu384 input def_train}; do
   run_stage "$name"
 done
 echo "== total $((SECONDS - START)) s"

@@ -56,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # for the small ViT given by patch_size ... num_heads.
     c.model = ml_collections.ConfigDict(dict(
         family="v1", variant="", patch_size=8, width=128, depth=4, num_heads=4, image_size=64, dtype="float32",
-        attention="xla"))  # xla (exact) | cudnn (flash attention, padded + masked tokens) | auto (cudnn on GPU in bf16)
+        attention="xla",  # xla (exact) | cudnn (flash attention, padded + masked tokens) | auto (cudnn on GPU in bf16)
+        fp8=False))  # teacher and student block GEMMs in float8 (bf16 dtype; H100/H200; changes results, ops/fp8.py)
     c.blocks = (1, 3)
 
     c.loss = ml_collections.ConfigDict(dict(

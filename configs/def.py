@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         head_layers=-1,           # >= 0 overrides the variant's aggregation layers
         dtype="float32",
         attention="xla",          # vision encoders' attention: xla (exact) | cudnn | auto (cudnn on GPU in bf16)
+        fp8=False,                # vision blocks' GEMMs in float8 (bf16 dtype; H100/H200; changes results)
         seed=0,
     ))
     c.clip_finetune = "qv"        # qv | full | frozen

@@ -33,8 +33,9 @@ def test_cmu_step_tiny(tmp_path):
     out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
                 "--dtype", "float32", "--cls-shortcut", "both", "--profile", "--results", str(results),
                 "--json", str(rows_json)])
-    assert "| impl | attention | cls shortcut | size | batch | step ms | img/s | TFLOP/s | MFU |" in out
-    assert "| jax | xla | off | 32 | 4 |" in out and "| jax | xla | on | 32 | 4 |" in out and "failed" not in out
+    assert "| impl | attention | cls shortcut | fp8 | f8 GEMMs | size | batch | step ms | img/s | TFLOP/s | MFU |" in out
+    assert "| jax | xla | off | off | - | 32 | 4 |" in out and "| jax | xla | on | off | - | 32 | 4 |" in out
+    assert "failed" not in out
     rows = json.loads(rows_json.read_text())["rows"]
     jax_rows = [r for r in rows if r["impl"] == "jax"]
     assert len(jax_rows) == 2 and all(r["img/s"] > 0 and r["compile s"] > 0 for r in jax_rows)
@@ -53,14 +54,50 @@ def test_cmu_step_tiny(tmp_path):
     else:
         assert "ratio ours / torch eager at 32 px, batch 4" in out
     recorded = results.read_text()
-    assert "## cmu_step (tiny)" in recorded and "| jax | xla | on | 32 | 4 |" in recorded
+    assert "## cmu_step (tiny)" in recorded and "| jax | xla | on | off | - | 32 | 4 |" in recorded
+
+
+def test_cmu_step_tiny_fp8(tmp_path):
+    """--fp8 on: the step with float8 block GEMMs runs; the f8 GEMMs column counts the float8
+    GEMMs XLA compiled, none on a CPU (the rounding is emulated there)."""
+    out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+                "--fp8", "on", "--torch", "off", "--json", str(tmp_path / "cmu.json")])
+    (row,) = json.loads((tmp_path / "cmu.json").read_text())["rows"]
+    assert row["fp8"] == "on" and row["img/s"] > 0 and "failed" not in out
+    assert isinstance(row["f8 GEMMs"], int)
+    if "(cpu)" in out:  # the header names the platform
+        assert row["f8 GEMMs"] == 0
+
+
+def test_float8_gemm_count_reads_optimised_hlo():
+    """float8_gemms on GPU-style HLO text: cuBLASLt float8 custom calls and Triton GEMM
+    fusions with float8 operands count; bf16 GEMMs and elementwise fusions do not."""
+    class Compiled:
+        def __init__(self, text):
+            self.text = text
+
+        def as_text(self):
+            return self.text
+
+    hlo = "\n".join([
+        '  %cublas-lt-matmul.3 = (bf16[25216,3072]{1,0}, s8[4194304]{0}) custom-call(f8e4m3fn[25216,768]{1,0} '
+        '%fusion.1, f8e4m3fn[3072,768]{1,0} %fusion.2, f32[] %p.1, f32[] %p.2, f32[] %c, f32[] %c), '
+        'custom_call_target="__cublas$lt$matmul$f8"',
+        '  %gemm_fusion_dot.7 = bf16[25216,768]{1,0} fusion(f8e5m2[25216,3072]{1,0} %q, f8e4m3fn[3072,768]{1,0} '
+        '%w), kind=kCustom, calls=%gemm_fusion_dot.7_computation',
+        '  %cublas-gemm.1 = (bf16[25216,768]{1,0}, s8[0]{0}) custom-call(bf16[25216,768]{1,0} %a, '
+        'bf16[768,768]{1,0} %b), custom_call_target="__cublas$gemm"',
+        '  %loop_convert_fusion = f8e4m3fn[25216,768]{1,0} fusion(bf16[25216,768]{1,0} %x), kind=kLoop, '
+        'calls=%fused_convert',
+    ])
+    assert common.float8_gemms(Compiled(hlo)) == 2
 
 
 def test_def_step_toy_inference(tmp_path):
     out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "inference", "--steps", "2", "--warmup",
                 "1", "--dtype", "float32", "--json", str(tmp_path / "def.json")])
-    assert "| mode | attention | size | batch | classes | step ms | tiles/s | TFLOP/s | MFU |" in out
-    assert "| inference | xla | 64 | 2 | 2 |" in out and "failed" not in out
+    assert "| mode | attention | fp8 | f8 GEMMs | size | batch | classes | step ms | tiles/s | TFLOP/s | MFU |" in out
+    assert "| inference | xla | off | - | 64 | 2 | 2 |" in out and "failed" not in out
     (row,) = json.loads((tmp_path / "def.json").read_text())["rows"]
     assert row["tiles/s"] > 0 and row["GFLOP/tile"] > 0 and row["MFU"] == "n/a"
 
@@ -69,7 +106,7 @@ def test_def_step_toy_inference(tmp_path):
 def test_def_step_toy_train():
     out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "train", "--steps", "2", "--warmup", "1",
                 "--dtype", "float32"])
-    assert "| train | xla | 64 | 2 | 2 |" in out and "failed" not in out
+    assert "| train | xla | off | - | 64 | 2 | 2 |" in out and "failed" not in out
 
 
 def test_input_pipeline_toy(tmp_path):

@@ -32,6 +32,8 @@ class VisionConfig:
     # Attention kernel of the vision blocks: "xla" (exact, default), "cudnn" or "auto"
     # (see layers.attention); the text tower always uses "xla".
     attention: str = "xla"
+    # The vision blocks' weight matrix multiplies in float8 (see dino.Config.fp8).
+    fp8: bool = False
 
     @property
     def grid(self) -> int:
@@ -95,7 +97,8 @@ class VisionOutput(NamedTuple):
 def _blocks(cfg, dtype, rngs) -> nnx.List:
     return nnx.List([layers.Block(cfg.width, cfg.num_heads, cfg.mlp_dim, eps=cfg.layer_norm_eps,
                                   activation=cfg.activation, dtype=dtype,
-                                  attention=getattr(cfg, "attention", "xla"), rngs=rngs)
+                                  attention=getattr(cfg, "attention", "xla"), fp8=getattr(cfg, "fp8", False),
+                                  rngs=rngs)
                      for _ in range(cfg.depth)])
 
 

@@ -37,6 +37,9 @@ class Config:
     # Attention kernel: "xla" (exact, default), "cudnn" (flash attention on padded tokens,
     # GPU, bf16) or "auto" (cudnn on a GPU in bf16/fp16, else xla); see layers.attention.
     attention: str = "xla"
+    # The blocks' weight matrix multiplies in float8 (bf16 dtype only; H100/H200 float8
+    # tensor cores; changes results, see ops/fp8.py). Off unless asked for.
+    fp8: bool = False
 
     @property
     def grid(self) -> int:
@@ -71,7 +74,7 @@ class Model(nnx.Module):
         self.blocks = nnx.List([
             layers.Block(config.width, config.num_heads, config.mlp_dim, eps=config.layer_norm_eps,
                          activation="gelu", qkv_bias=config.qkv_bias, dtype=dtype,
-                         attention=config.attention, rngs=rngs)
+                         attention=config.attention, fp8=config.fp8, rngs=rngs)
             for _ in range(config.depth)])
         self.norm = layers.LayerNorm(config.width, config.layer_norm_eps, rngs=rngs)
 

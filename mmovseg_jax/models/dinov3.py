@@ -67,6 +67,8 @@ class Config:
     dtype: str = "float32"
     # Attention kernel: "xla" (exact), "cudnn" or "auto"; see layers.attention.
     attention: str = "xla"
+    # The blocks' weight matrix multiplies in float8 (see dino.Config.fp8).
+    fp8: bool = False
 
     def __post_init__(self):
         if self.mlp not in MLP_KINDS:
@@ -81,8 +83,8 @@ class Config:
         if self.rope_normalize_coords not in COORD_NORMALIZATIONS:
             raise ValueError(f"rope_normalize_coords must be one of {COORD_NORMALIZATIONS}, "
                              f"got {self.rope_normalize_coords!r}")
-        layers.compute_dtype(self.dtype)
         layers.resolve_attention(self.attention)
+        layers.check_fp8(self.fp8, layers.compute_dtype(self.dtype))
 
     @property
     def head_dim(self) -> int:
@@ -166,8 +168,8 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return jnp.concatenate([head, rotated.astype(x.dtype)], axis=1)
 
 
-def _linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs, fp8: bool) -> layers.Dense:
+    return layers.Dense(d_in, d_out, bias=bias, dtype=dtype, fp8=fp8, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -177,10 +179,10 @@ class Attention(nnx.Module):
         d = config.width
         self.num_heads = config.num_heads
         self.implementation = config.attention
-        self.query = _linear(d, d, config.query_bias, dtype, rngs)
-        self.key = _linear(d, d, config.key_bias, dtype, rngs)
-        self.value = _linear(d, d, config.value_bias, dtype, rngs)
-        self.out = _linear(d, d, config.proj_bias, dtype, rngs)
+        self.query = _linear(d, d, config.query_bias, dtype, rngs, config.fp8)
+        self.key = _linear(d, d, config.key_bias, dtype, rngs, config.fp8)
+        self.value = _linear(d, d, config.value_bias, dtype, rngs, config.fp8)
+        self.out = _linear(d, d, config.proj_bias, dtype, rngs, config.fp8)
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         """x: (B, T, D) with the last sin.shape[0] tokens the patches -> (B, T, D)."""
@@ -196,8 +198,8 @@ class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2."""
 
     def __init__(self, config: Config, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs)
-        self.fc2 = _linear(config.mlp_dim, config.width, config.mlp_bias, dtype, rngs)
+        self.fc1 = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs, config.fp8)
+        self.fc2 = _linear(config.mlp_dim, config.width, config.mlp_bias, dtype, rngs, config.fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -207,9 +209,9 @@ class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)); the original's w1, w2, w3."""
 
     def __init__(self, config: Config, *, dtype, rngs: nnx.Rngs):
-        self.gate = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs)
-        self.up = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs)
-        self.down = _linear(config.mlp_dim, config.width, config.mlp_bias, dtype, rngs)
+        self.gate = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs, config.fp8)
+        self.up = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs, config.fp8)
+        self.down = _linear(config.mlp_dim, config.width, config.mlp_bias, dtype, rngs, config.fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmovseg_jax.ops import fp8 as fp8_ops
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -46,8 +48,35 @@ class LayerNorm(nnx.LayerNorm):
         return super().__call__(x.astype(jnp.float32))
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+class Dense(nnx.Linear):
+    """nnx.Linear with float32 parameters whose matrix multiply can run in float8.
+
+    fp8=False: exactly nnx.Linear in `dtype`. fp8=True: x @ kernel through
+    `ops.fp8.matmul` (e4m3 operands, e5m2 gradients, per-tensor current scaling; float8
+    tensor cores on H100/H200), the bias added in `dtype`. Same parameters either way.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool = True, dtype=jnp.float32, fp8: bool = False,
+                 rngs: nnx.Rngs):
+        super().__init__(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.fp8 = fp8
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., d_in) -> (..., d_out)."""
+        if not self.fp8:
+            return super().__call__(x)
+        y = fp8_ops.matmul(x, self.kernel[...], self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+def check_fp8(fp8: bool, dtype) -> None:
+    """float8 matrix multiplies are offered with bfloat16 compute only (what the GPU runs)."""
+    if fp8 and jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"fp8 matrix multiplies need dtype 'bfloat16', got {jnp.dtype(dtype).name!r}")
+
+
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True, fp8: bool = False) -> Dense:
+    return Dense(d_in, d_out, bias=bias, dtype=dtype, fp8=fp8, rngs=rngs)
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
@@ -114,20 +143,22 @@ class Attention(nnx.Module):
 
     Separate projections (rather than one fused qkv matrix) let an optimiser select,
     say, only the query and value weights for fine-tuning. `implementation` picks the
-    attention kernel ("xla", "cudnn" or "auto"; see `attention`).
+    attention kernel ("xla", "cudnn" or "auto"; see `attention`); `fp8` runs the four
+    projections as float8 matrix multiplies (see `Dense`).
     """
 
     def __init__(self, width: int, num_heads: int, *, qkv_bias: bool = True, dtype=jnp.float32,
-                 implementation: str = "xla", rngs: nnx.Rngs):
+                 implementation: str = "xla", fp8: bool = False, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         resolve_attention(implementation)  # validates the name
+        check_fp8(fp8, dtype)
         self.num_heads = num_heads
         self.implementation = implementation
-        self.query = _linear(width, width, dtype, rngs, qkv_bias)
-        self.key = _linear(width, width, dtype, rngs, qkv_bias)
-        self.value = _linear(width, width, dtype, rngs, qkv_bias)
-        self.out = _linear(width, width, dtype, rngs)
+        self.query = _linear(width, width, dtype, rngs, qkv_bias, fp8)
+        self.key = _linear(width, width, dtype, rngs, qkv_bias, fp8)
+        self.value = _linear(width, width, dtype, rngs, qkv_bias, fp8)
+        self.out = _linear(width, width, dtype, rngs, fp8=fp8)
 
     def _heads(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
@@ -142,8 +173,10 @@ class Attention(nnx.Module):
             return [layers_[0](x)]
         dtype = layers_[0].dtype
         kernel = jnp.concatenate([l.kernel[...] for l in layers_], axis=1)
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        y = jnp.einsum("btd,de->bte", x, kernel)
+        if layers_[0].fp8:
+            y = fp8_ops.matmul(x, kernel, dtype)
+        else:
+            y = jnp.einsum("btd,de->bte", x.astype(dtype), kernel.astype(dtype))
         if any(l.bias is not None for l in layers_):
             y = y + jnp.concatenate([l.bias[...] if l.bias is not None else jnp.zeros((l.out_features,))
                                      for l in layers_]).astype(dtype)
@@ -167,29 +200,35 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two-layer feed-forward network, width -> hidden -> width."""
+    """Two-layer feed-forward network, width -> hidden -> width (float8 GEMMs with `fp8`)."""
 
-    def __init__(self, width: int, hidden: int, activation: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, width: int, hidden: int, activation: str, *, dtype=jnp.float32, fp8: bool = False,
+                 rngs: nnx.Rngs):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_fp8(fp8, dtype)
         self.activation = activation
-        self.fc1 = _linear(width, hidden, dtype, rngs)
-        self.fc2 = _linear(hidden, width, dtype, rngs)
+        self.fc1 = _linear(width, hidden, dtype, rngs, fp8=fp8)
+        self.fc2 = _linear(hidden, width, dtype, rngs, fp8=fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)).
+
+    fp8: the block's six weight matrix multiplies in float8 (see `Dense`); LayerNorms,
+    attention itself and the residual stream keep their precision."""
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float, activation: str,
-                 qkv_bias: bool = True, dtype=jnp.float32, attention: str = "xla", rngs: nnx.Rngs):
+                 qkv_bias: bool = True, dtype=jnp.float32, attention: str = "xla", fp8: bool = False,
+                 rngs: nnx.Rngs):
         self.norm1 = LayerNorm(width, eps, rngs=rngs)
         self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, dtype=dtype, implementation=attention,
-                              rngs=rngs)
+                              fp8=fp8, rngs=rngs)
         self.norm2 = LayerNorm(width, eps, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, activation, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, activation, dtype=dtype, fp8=fp8, rngs=rngs)
 
     def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
         x = x + self.attn(self.norm1(x), causal=causal)

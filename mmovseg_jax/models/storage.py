@@ -136,27 +136,29 @@ def read(folder: str | os.PathLike) -> Stored:
     return Stored(meta["family"], config, _flatten(restored), meta.get("source", {}), extras)
 
 
-def with_attention(config: Any, attention: str) -> Any:
+def with_kernels(config: Any, attention: str | None = None, fp8: bool | None = None) -> Any:
     """`config` (a DINO, DINOv3, CLIP or MM-OVSeg config) with every vision encoder's
-    attention kernel set to `attention` ("xla" | "cudnn" | "auto", see layers.attention).
-    CLIP's text tower keeps XLA attention."""
+    attention kernel set to `attention` ("xla" | "cudnn" | "auto", see layers.attention)
+    and its block matrix multiplies to float8 or not (`fp8`, see layers.Dense); None keeps
+    what the config has. CLIP's text tower keeps XLA attention and bf16/fp32 GEMMs."""
     if hasattr(config, "vision"):  # CLIP
-        return dataclasses.replace(config, vision=dataclasses.replace(config.vision, attention=attention))
+        return dataclasses.replace(config, vision=with_kernels(config.vision, attention, fp8))
     if hasattr(config, "clip") and hasattr(config, "dino"):  # the MM-OVSeg model
-        return dataclasses.replace(config, clip=with_attention(config.clip, attention),
-                                   dino=with_attention(config.dino, attention))
-    return dataclasses.replace(config, attention=attention)
+        return dataclasses.replace(config, clip=with_kernels(config.clip, attention, fp8),
+                                   dino=with_kernels(config.dino, attention, fp8))
+    changes = {k: v for k, v in (("attention", attention), ("fp8", fp8)) if v is not None}
+    return dataclasses.replace(config, **changes)
 
 
 def load_model(folder: str | os.PathLike, expect_family: str | None = None, dtype: str | None = None,
-               attention: str | None = None) -> nnx.Module:
+               attention: str | None = None, fp8: bool | None = None) -> nnx.Module:
     """Builds the model stored in `folder` with its parameters; `dtype` overrides the compute
-    dtype, `attention` the vision encoders' attention kernel."""
+    dtype, `attention` and `fp8` the vision encoders' kernels (see `with_kernels`)."""
     stored = read(folder)
     if expect_family and stored.family != expect_family:
         raise ValueError(f"{folder} holds a {stored.family} model, not {expect_family}")
     config = stored.config if dtype is None else dataclasses.replace(stored.config, dtype=dtype)
-    config = config if attention is None else with_attention(config, attention)
+    config = with_kernels(config, attention, fp8)
     model = build_abstract(stored.family, config)
     params.set_params(model, stored.params, f"{folder}/params")
     return model

@@ -208,7 +208,8 @@ def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
         stored = storage.read(config.teacher_checkpoint)
         if stored.family not in ("dino", "dinov3"):
             raise ValueError(f"{config.teacher_checkpoint} holds a {stored.family} model, not dino or dinov3")
-        cfg = dataclasses.replace(stored.config, dtype=config.model.dtype, attention=config.model.attention)
+        cfg = dataclasses.replace(stored.config, dtype=config.model.dtype, attention=config.model.attention,
+                                  fp8=config.model.get("fp8", False))
         teacher = nnx.eval_shape(lambda: encoder_class(cfg)(cfg, rngs=nnx.Rngs(0)))
         params.set_params(teacher, stored.params, f"{config.teacher_checkpoint}/params")
         return teacher
@@ -229,7 +230,8 @@ def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
     else:
         base = module.Config(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                              mlp_dim=4 * m.width)
-    cfg = dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=m.attention)
+    cfg = dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=m.attention,
+                              fp8=m.get("fp8", False))
     return encoder_class(cfg)(cfg, rngs=nnx.Rngs(config.seed))
 
 
