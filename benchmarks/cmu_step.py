@@ -98,7 +98,7 @@ def analytic_flops(cfg: dino.Config, size: int, batch: int) -> float:
 
 def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, steps: int, warmup: int,
               peak: float | None, cls_shortcut: bool = True, measured_peak: float | None = None,
-              profile: bool = False, remat: str = "none", fp8: bool = False) -> dict:
+              profile: bool = False, remat: str = "none", fp8: bool = False, hlo_dir=None) -> dict:
     """Builds the step as cmu.run does, compiles it, times it (and with `profile`, splits
     its device time by XLA op); one result row."""
     config = make_config(variant, size, batch, dtype, cls_shortcut, remat, fp8)
@@ -122,6 +122,8 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     lowered = train_step.lower(state, teacher_params, batch_arrays)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    common.write_hlo(hlo_dir, f"cmu_{size}_b{batch}_{attention}_shortcut-{'on' if cls_shortcut else 'off'}"
+                              f"_fp8-{'on' if fp8 else 'off'}_remat-{remat}", compiled)
 
     def step(s):
         return compiled(s, teacher_params, batch_arrays)[0]
@@ -231,6 +233,7 @@ def main(argv=None) -> list[dict]:
                                                         "or .shared_copy/bench/)")
     p.add_argument("--torch-timeout", type=float, default=300.0, help="seconds allowed for the anchor")
     common.add_output_args(p)
+    common.add_hlo_arg(p)
     args = p.parse_args(argv)
     sizes = [int(s) for s in (args.sizes.split(",") if args.sizes else VARIANTS[args.variant]["sizes"])]
     attentions = [a.strip() for a in args.attention.split(",")]
@@ -259,7 +262,7 @@ def main(argv=None) -> list[dict]:
                                                             choices[args.fp8]):
         try:
             rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
-                                  args.warmup, peak, shortcut, measured, args.profile, args.remat, fp8))
+                                  args.warmup, peak, shortcut, measured, args.profile, args.remat, fp8, args.hlo_dir))
         except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
             rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
                          "cls shortcut": "on" if shortcut else "off", "fp8": "on" if fp8 else "off",

@@ -210,6 +210,21 @@ def add_output_args(parser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
 
 
+def add_hlo_arg(parser) -> None:
+    """--hlo-dir DIR, for the scripts that compile a step (see `write_hlo`)."""
+    parser.add_argument("--hlo-dir", type=Path, default=None,
+                        help="also write each row's optimised HLO (what XLA compiled: fusions, GEMM calls) "
+                             "to a text file in this folder, for reading after a GPU session")
+
+
+def write_hlo(folder: Path | None, name: str, compiled) -> None:
+    """Writes `compiled.as_text()` (the optimised HLO) to folder/name.hlo.txt (nothing when
+    folder is None)."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.hlo.txt").write_text(compiled.as_text())
+
+
 def results_path(args) -> Path | None:
     """Where to append the table, or None when neither --record nor --results was given."""
     if args.results is not None:

@@ -159,7 +159,7 @@ def lowered_flops(cfg_xla: mmovseg.Config, mode: str, batch: int, classes: int, 
 
 def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dtype: str, steps: int,
           warmup: int, peak: float | None, measured_peak: float | None = None, profile: bool = False,
-          fp8: bool = False) -> dict:
+          fp8: bool = False, hlo_dir=None) -> dict:
     """Compiles and times one mode; with `profile`, splits its device time by XLA op."""
     cfg = model_config(variant, dtype, attention, fp8)
     s = cfg.image_size
@@ -171,6 +171,7 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = fn.lower(state, rgb, sar, text).compile()
         compile_s = time.perf_counter() - start
+        common.write_hlo(hlo_dir, f"def_{variant}_inference_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", compiled)
         step, carry = (lambda _: compiled(state, rgb, sar, text)), None
         seconds, _ = common.time_loop(step, carry, steps, warmup)
         config = None
@@ -181,6 +182,7 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = step.lower(state, frozen, batch_in, tokens).compile()
         compile_s = time.perf_counter() - start
+        common.write_hlo(hlo_dir, f"def_{variant}_train_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", compiled)
         step = lambda st: compiled(st, frozen, batch_in, tokens)[0]  # noqa: E731
         seconds, carry = common.time_loop(step, state, steps, warmup)
     flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes,
@@ -217,6 +219,7 @@ def main(argv=None) -> list[dict]:
                    help="time a bf16 8192^3 matmul first and add encoder MFU against that measured ceiling")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     common.add_output_args(p)
+    common.add_hlo_arg(p)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")] if args.batch else [VARIANTS[args.variant]["batch"]]
     classes = args.classes or VARIANTS[args.variant]["classes"]
@@ -238,7 +241,7 @@ def main(argv=None) -> list[dict]:
                                                          fp8_choices):
         try:
             rows.append(bench(mode, args.variant, batch, classes, attention, args.dtype, args.steps,
-                              args.warmup, info["peak_tflops"], measured, args.profile, fp8))
+                              args.warmup, info["peak_tflops"], measured, args.profile, fp8, args.hlo_dir))
         except Exception as e:  # e.g. cuDNN refusing a shape, out of memory: say so and go on
             rows.append({"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off", "batch": batch,
                          "classes": classes,

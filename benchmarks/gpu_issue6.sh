@@ -26,13 +26,16 @@
 #   input            input_pipeline: Grain pairs/s at 384 px crops, 0, 4 and 16 workers
 #   def_train        def_step train step
 # Measured 2026-11-28 on an H200 (stages cmu224 def_infer): 81 s and 84 s after start-up.
-# Everything goes to $OUT: gpu_issue6.log (all output), RESULTS_issue6.md (the tables, to
-# append to benchmarks/RESULTS.md by hand after review) and one JSON per stage.
+# Everything goes to $OUT (the device tool returns at most 8 files): gpu_issue6.log (all
+# output), RESULTS_issue6.md (the tables, to append to benchmarks/RESULTS.md by hand after
+# review) and details.tar.gz: one JSON per stage and hlo/, the optimised HLO of each timed
+# row of cmu224, cmu224_fp8 and def_infer (fusions, GEMM custom calls), to read offline.
 set -uo pipefail
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-530}
 OUT=${OUT:-/tmp/gpu_issue6}
-mkdir -p "$OUT"
+WORK="$OUT/details"
+mkdir -p "$WORK"
 exec > >(tee -a "$OUT/gpu_issue6.log") 2>&1
 
 if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then  # packages the device image lacks, carried as wheels
@@ -79,31 +82,31 @@ FLAGS_VARIANT=${FLAGS_VARIANT:---xla_gpu_enable_triton_gemm=false}
 run_stage() {
   case $1 in
     cmu224) stage "cmu_step 224" 150 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --cls-shortcut both \
-              --measure-peak --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_224.json" ;;
+              --measure-peak --torch-anchor "$ANCHOR" --results "$RES" --json "$WORK/cmu_224.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_fp8) stage "cmu_step 224 fp8" 90 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --fp8 on \
-              --torch off --results "$RES" --json "$OUT/cmu_224_fp8.json" ;;
+              --torch off --results "$RES" --json "$WORK/cmu_224_fp8.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_profile) stage "cmu_step 224 profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
               python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --profile --steps 5 \
-              --json "$OUT/cmu_224_profile.json" ;;
+              --json "$WORK/cmu_224_profile.json" ;;
     def_profile) stage "def_step inference profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
               python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn --profile --steps 5 \
-              --json "$OUT/def_profile.json" ;;
+              --json "$WORK/def_profile.json" ;;
     attention_tests) stage "attention and fp8 tests (GPU)" 150 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
               tests/test_attention.py tests/test_fast_paths.py tests/test_fp8.py ;;
     def_infer) stage "def_step inference" 150 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
-              --batch $DEF_BATCHES --fp8 both --measure-peak --results "$RES" --json "$OUT/def_inference.json" ;;
+              --batch $DEF_BATCHES --fp8 both --measure-peak --results "$RES" --json "$WORK/def_inference.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_flags) stage "cmu_step 224 with XLA_FLAGS=$FLAGS_VARIANT" 80 env XLA_FLAGS="$FLAGS_VARIANT" \
-              python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --json "$OUT/cmu_224_flags.json" ;;
+              python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --json "$WORK/cmu_224_flags.json" ;;
     cmu224_remat) stage "cmu_step 224 remat full" 80 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
-              --remat full --torch off --json "$OUT/cmu_224_remat.json" ;;
+              --remat full --torch off --json "$WORK/cmu_224_remat.json" ;;
     cmu224_xla) stage "cmu_step 224 xla" 80 python3 benchmarks/cmu_step.py $CMU224 --attention xla --torch off \
-              --results "$RES" --json "$OUT/cmu_224_xla.json" ;;
+              --results "$RES" --json "$WORK/cmu_224_xla.json" ;;
     cmu384) stage "cmu_step 384" 130 python3 benchmarks/cmu_step.py $CMU384 --attention cudnn \
-              --torch-anchor "$ANCHOR" --results "$RES" --json "$OUT/cmu_384.json" ;;
+              --torch-anchor "$ANCHOR" --results "$RES" --json "$WORK/cmu_384.json" ;;
     input) stage "input_pipeline" 100 python3 benchmarks/input_pipeline.py $INPUT --results "$RES" \
-              --json "$OUT/input_pipeline.json" ;;
+              --json "$WORK/input_pipeline.json" ;;
     def_train) stage "def_step train" 130 python3 benchmarks/def_step.py $DEF --modes train --attention cudnn \
-              --results "$RES" --json "$OUT/def_train.json" ;;
+              --results "$RES" --json "$WORK/def_train.json" ;;
     *) echo "!! unknown stage $1" ;;
   esac
 }
@@ -111,5 +114,6 @@ for name in ${STAGES:-cmu224 cmu224_fp8 cmu224_profile def_infer def_profile cmu
                cmu384 input def_train}; do
   run_stage "$name"
 done
+tar czf "$OUT/details.tar.gz" -C "$OUT" details && rm -rf "$WORK" && ls -l "$OUT"
 echo "== total $((SECONDS - START)) s"
 exit 0

@@ -59,11 +59,18 @@ def test_cmu_step_tiny(tmp_path):
 
 def test_cmu_step_tiny_fp8(tmp_path):
     """--fp8 on: the step with float8 block GEMMs runs; the f8 GEMMs column counts the float8
-    GEMMs XLA compiled, none on a CPU (the rounding is emulated there)."""
+    GEMMs XLA compiled, none on a CPU (the rounding is emulated there); --hlo-dir keeps
+    the compiled HLO."""
     out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
-                "--fp8", "on", "--torch", "off", "--json", str(tmp_path / "cmu.json")])
+                "--fp8", "on", "--torch", "off", "--json", str(tmp_path / "cmu.json"),
+                "--hlo-dir", str(tmp_path / "hlo")])
     (row,) = json.loads((tmp_path / "cmu.json").read_text())["rows"]
     assert row["fp8"] == "on" and row["img/s"] > 0 and "failed" not in out
+    # --hlo-dir: the optimised HLO of the timed step, with the float8 rounding in it
+    (hlo,) = (tmp_path / "hlo").iterdir()
+    assert hlo.name == "cmu_32_b4_xla_shortcut-on_fp8-on_remat-none.hlo.txt"
+    text = hlo.read_text()
+    assert text.startswith("HloModule") and "f8e4m3fn" in text and "f8e5m2" in text
     assert isinstance(row["f8 GEMMs"], int)
     if "(cpu)" in out:  # the header names the platform
         assert row["f8 GEMMs"] == 0
