@@ -7,11 +7,14 @@
 Model: `mmovseg.VARIANTS[variant]` (B = the authors' release: CLIP B/16 + RGB and SAR
 DINO B/8 at 384 px) in the compute dtype (default bf16), with the chosen attention kernel
 in every vision block (CLIP's text tower stays on XLA); random weights from
-`common.random_init` (one jitted fill; the values do not change the speed).
+`common.random_init` (host-side NumPy draws; the values do not change the speed).
 
 - inference: the jitted `Model.logits(rgb, sar, text)` on a batch of CLIP-normalised
   tiles already on the device, class embeddings computed once beforehand (as the
   Segmenter does); output (B, T, 4G, 4G) logits.
+- encoders: the same up to what the head reads (`Model.encode_images`: CLIP's dense
+  tokens and guidance blocks, both DINOs' patch maps); beside an inference row, the
+  difference is the time of the head, the level projections and the cost volume.
 - train: `def_stage.make_train_step` as `def_stage.run` builds it (CLIP q/v trainable at
   x0.01, DINOs frozen, BCE on random labels, AdamW), uint8 inputs, one jitted call with
   the state donated. The text tower runs inside the step (it trains).
@@ -61,6 +64,7 @@ def _toy() -> mmovseg.Config:
     return dataclasses.replace(cfg, clip=clip_cfg, dino=dataclasses.replace(cfg.dino, depth=2),
                                head=dataclasses.replace(cfg.head, num_layers=0),
                                clip_guidance_blocks=(0, 1), dino_blocks=(0, 1, 1), image_size=64)
+MODES = ("inference", "train", "encoders")
 COLUMNS = ("mode", "attention", "fp8", "f8 GEMMs", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
            "GFLOP/tile", "enc TFLOP/tile", "enc MFU", "enc MFU vs measured", "compile s")
 
@@ -126,14 +130,16 @@ def train_inputs(cfg: mmovseg.Config, batch: int, classes: int, mesh):
     return sharding.to_global(host, mesh), jax.device_put(random_tokens(cfg, classes), sharding.replicated(mesh))
 
 
-def make_infer(cfg: mmovseg.Config, abstract: bool, classes: int):
-    """(jitted (state, rgb, sar, text) -> logits, state, text (T, P, E))."""
+def make_infer(cfg: mmovseg.Config, abstract: bool, classes: int, encoders_only: bool = False):
+    """(jitted (state, rgb, sar, text) -> logits, state, text (T, P, E)); with `encoders_only`
+    the function stops at what the head reads from the encoders (`Model.encode_images`)."""
     make = lambda: mmovseg.Model(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     model = nnx.eval_shape(make) if abstract else common.random_init(make)
     graphdef, state = nnx.split(model)
 
     def logits(state, rgb, sar, text):
-        return nnx.merge(graphdef, state).logits(rgb, sar, text)
+        model = nnx.merge(graphdef, state)
+        return model.encode_images(rgb, sar) if encoders_only else model.logits(rgb, sar, text)
 
     tokens = jnp.asarray(random_tokens(cfg, classes))
     if abstract:
@@ -147,8 +153,8 @@ def lowered_flops(cfg_xla: mmovseg.Config, mode: str, batch: int, classes: int, 
     """XLA cost-analysis FLOPs of the computation with XLA attention, from shapes alone."""
     s = cfg_xla.image_size
     img = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
-    if mode == "inference":
-        fn, state, text = make_infer(cfg_xla, True, classes)
+    if mode in ("inference", "encoders"):
+        fn, state, text = make_infer(cfg_xla, True, classes, mode == "encoders")
         return common.xla_flops(fn.lower(state, img, img if cfg_xla.use_sar else None, text))
     step, state, frozen, mesh = build_train(cfg_xla, config, True)
     u8 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.uint8)  # noqa: E731
@@ -163,15 +169,15 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
     """Compiles and times one mode; with `profile`, splits its device time by XLA op."""
     cfg = model_config(variant, dtype, attention, fp8)
     s = cfg.image_size
-    if mode == "inference":
-        fn, state, text = make_infer(cfg, False, classes)
+    if mode in ("inference", "encoders"):
+        fn, state, text = make_infer(cfg, False, classes, mode == "encoders")
         rng = np.random.default_rng(2)
         rgb = jnp.asarray(rng.standard_normal((batch, s, s, 3), np.float32))
         sar = jnp.asarray(rng.standard_normal((batch, s, s, 3), np.float32)) if cfg.use_sar else None
         start = time.perf_counter()
         compiled = fn.lower(state, rgb, sar, text).compile()
         compile_s = time.perf_counter() - start
-        common.write_hlo(hlo_dir, f"def_{variant}_inference_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", compiled)
+        common.write_hlo(hlo_dir, f"def_{variant}_{mode}_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", compiled)
         step, carry = (lambda _: compiled(state, rgb, sar, text)), None
         seconds, _ = common.time_loop(step, carry, steps, warmup)
         config = None
@@ -207,7 +213,9 @@ def main(argv=None) -> list[dict]:
                    help="mmovseg.VARIANTS name, or toy (tiny cut down, for smoke tests)")
     p.add_argument("--batch", default=None, help="tiles per step, or a comma list (default 8; tiny: 2)")
     p.add_argument("--classes", type=int, default=None, help="class names T (default 8; tiny: 3)")
-    p.add_argument("--modes", default="inference,train", help="comma list of inference, train")
+    p.add_argument("--modes", default="inference,train",
+                   help="comma list of inference, train, encoders (inference up to the head's inputs: with an "
+                        "inference row, shows the head's share of the time)")
     p.add_argument("--attention", default="xla", help="comma list of xla, cudnn, auto")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--fp8", default="off", choices=("on", "off", "both"),
@@ -225,8 +233,8 @@ def main(argv=None) -> list[dict]:
     classes = args.classes or VARIANTS[args.variant]["classes"]
     modes = [m.strip() for m in args.modes.split(",")]
     for m in modes:
-        if m not in ("inference", "train"):
-            p.error(f"unknown mode {m!r}; choose from inference, train")
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     for a in args.attention.split(","):
         if a.strip() not in layers.ATTENTION_IMPLEMENTATIONS:
             p.error(f"unknown attention {a!r}; choose from {layers.ATTENTION_IMPLEMENTATIONS}")

@@ -17,7 +17,8 @@
 #                    quantise/dequantise pattern was not matched and nothing ran in float8)
 #   cmu224_profile   the same step split by XLA op (command buffers off), top ops printed
 #   def_infer        def_step inference, batch 8 (DEF_BATCHES=8,32 adds 32), bf16 and fp8, encoder MFU
-#   def_profile      DEF inference (release shapes, bf16) split by XLA op (command buffers off)
+#   def_profile      DEF inference (release shapes, bf16) split by XLA op (command buffers off),
+#                    and the encoders alone (the difference is the head's time)
 #   cmu224_flags     cmu_step 224 under XLA_FLAGS=$FLAGS_VARIANT (default: Triton GEMMs off)
 #   attention_tests  tests/test_attention.py, test_fast_paths.py and test_fp8.py on the GPU
 #   cmu224_remat     cmu_step 224 with the student's blocks rematerialised (speed and temp GiB)
@@ -89,7 +90,7 @@ run_stage() {
               python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --profile --steps 5 \
               --json "$WORK/cmu_224_profile.json" ;;
     def_profile) stage "def_step inference profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
-              python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn --profile --steps 5 \
+              python3 benchmarks/def_step.py $DEF --modes inference,encoders --attention cudnn --profile --steps 5 \
               --json "$WORK/def_profile.json" ;;
     attention_tests) stage "attention and fp8 tests (GPU)" 150 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
               tests/test_attention.py tests/test_fast_paths.py tests/test_fp8.py ;;

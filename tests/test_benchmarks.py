@@ -101,12 +101,14 @@ def test_float8_gemm_count_reads_optimised_hlo():
 
 
 def test_def_step_toy_inference(tmp_path):
-    out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "inference", "--steps", "2", "--warmup",
-                "1", "--dtype", "float32", "--json", str(tmp_path / "def.json")])
+    out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "inference,encoders", "--steps", "2",
+                "--warmup", "1", "--dtype", "float32", "--json", str(tmp_path / "def.json")])
     assert "| mode | attention | fp8 | f8 GEMMs | size | batch | classes | step ms | tiles/s | TFLOP/s | MFU |" in out
     assert "| inference | xla | off | - | 64 | 2 | 2 |" in out and "failed" not in out
-    (row,) = json.loads((tmp_path / "def.json").read_text())["rows"]
+    row, encoders = json.loads((tmp_path / "def.json").read_text())["rows"]
     assert row["tiles/s"] > 0 and row["GFLOP/tile"] > 0 and row["MFU"] == "n/a"
+    # the encoders-only row is the same computation without the head: fewer FLOPs
+    assert encoders["mode"] == "encoders" and 0 < encoders["GFLOP/tile"] < row["GFLOP/tile"]
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@
 - The gradients are the e5m2-rounded cotangent times the saved e4m3 operands.
 - A sharded operand's scale is its global amax: 8 devices give the one-device result.
 - Encoders with fp8 keep their parameter tree (checkpoints are interchangeable), stay
-  close to bf16, and refuse float32; the CMU step trains with it.
+  close to bf16, and refuse float32; saved folders record fp8 off; the CMU step trains
+  with it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 from flax import nnx
 
 from configs import cmu as cmu_configs
-from mmovseg_jax.models import clip, dino, dinov3
+from mmovseg_jax.models import clip, dino, dinov3, params, storage
 from mmovseg_jax.ops import fp8
 from mmovseg_jax.train import cmu, sharding
 
@@ -202,3 +203,16 @@ def test_cmu_step_trains_with_fp8():
     assert np.all(np.isfinite(fp8_losses)) and moved > 0
     print("losses bf16", bf16_losses, "fp8", fp8_losses)
     np.testing.assert_allclose(fp8_losses, bf16_losses, rtol=0.08)
+
+
+def test_saved_models_record_fp8_off_and_load_with_it_on(tmp_path):
+    """float8 is a run's speed choice: a saved folder records fp8 off (it loads anywhere,
+    float32 included), and `load_model(fp8=True)` turns it back on."""
+    model = dino.Model(_tiny_dino(fp8=True), rngs=nnx.Rngs(0))
+    folder = storage.save(tmp_path / "enc", "dino", model.config, params.flat_params(model))
+    assert storage.read(folder).config.fp8 is False
+    assert storage.load_model(folder, dtype="float32").blocks[0].mlp.fc1.fp8 is False
+    again = storage.load_model(folder, fp8=True)
+    assert again.blocks[0].mlp.fc1.fp8 and again.blocks[0].attn.query.fp8
+    x = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
+    np.testing.assert_array_equal(np.asarray(again(x)[0], np.float32), np.asarray(model(x)[0], np.float32))

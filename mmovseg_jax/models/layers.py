@@ -143,8 +143,9 @@ class Attention(nnx.Module):
 
     Separate projections (rather than one fused qkv matrix) let an optimiser select,
     say, only the query and value weights for fine-tuning. `implementation` picks the
-    attention kernel ("xla", "cudnn" or "auto"; see `attention`); `fp8` runs the four
-    projections as float8 matrix multiplies (see `Dense`).
+    attention kernel ("xla", "cudnn" or "auto"; see `attention`); `fp8` runs the
+    projections as float8 matrix multiplies (see `Dense`; where q/k/v run as one GEMM
+    over their concatenated kernels, the three share one weight scale).
     """
 
     def __init__(self, width: int, num_heads: int, *, qkv_bias: bool = True, dtype=jnp.float32,
@@ -218,8 +219,8 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)).
 
-    fp8: the block's six weight matrix multiplies in float8 (see `Dense`); LayerNorms,
-    attention itself and the residual stream keep their precision."""
+    fp8: the block's weight matrix multiplies (q/k/v, out, fc1, fc2) in float8 (see
+    `Dense`); LayerNorms, attention itself and the residual stream keep their precision."""
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float, activation: str,
                  qkv_bias: bool = True, dtype=jnp.float32, attention: str = "xla", fp8: bool = False,

@@ -219,9 +219,6 @@ class Model(nnx.Module):
         d = cfg.dino_grid
         return [x.reshape(x.shape[0], d, d, -1) for x in tokens]
 
-    def _dino(self, encoder: nnx.Module, levels: DinoLevels, images: jax.Array):
-        return levels(self.dino_patch_maps(encoder, images))
-
     def clip_input(self, rgb: jax.Array) -> jax.Array:
         """The tile as CLIP sees it: resized (bilinear, half-pixel, no antialias, as the
         release's F.interpolate) to clip_input_size when that differs from image_size."""
@@ -230,23 +227,32 @@ class Model(nnx.Module):
             return rgb
         return resize.resize_bilinear(rgb.astype(jnp.float32), (size, size), align_corners=False, axes=(1, 2))
 
-    def logits(self, rgb: jax.Array, sar: jax.Array | None, text: jax.Array) -> jax.Array:
-        """rgb, sar: (B, S, S, 3) CLIP-normalised at S = image_size (sar may be None
-        without the SAR branch); text: (T, P, E) from `encode_text`. -> (B, T, 4G, 4G) float32."""
+    def encode_images(self, rgb: jax.Array, sar: jax.Array | None):
+        """What the head reads from the three encoders: (CLIP's VisionOutput with its dense
+        tokens and guidance blocks, the RGB DINO's three patch maps, the SAR DINO's or None).
+        rgb, sar: (B, S, S, 3) CLIP-normalised at S = image_size."""
         cfg = self.config
         size = rgb.shape[1:3]
         if size != (cfg.image_size, cfg.image_size):
             raise ValueError(f"expected {cfg.image_size}x{cfg.image_size} inputs, got {size[0]}x{size[1]}")
-        g = cfg.clip_grid
+        if self.sar_dino is not None and sar is None:
+            raise ValueError("this model has a SAR branch: pass the SAR tile")
         vision = self.clip.encode_image(self.clip_input(rgb), cfg.clip_guidance_blocks, dense=True)
+        rgb_maps = self.dino_patch_maps(self.rgb_dino, rgb)
+        sar_maps = self.dino_patch_maps(self.sar_dino, sar) if self.sar_dino is not None else None
+        return vision, rgb_maps, sar_maps
+
+    def logits(self, rgb: jax.Array, sar: jax.Array | None, text: jax.Array) -> jax.Array:
+        """rgb, sar: (B, S, S, 3) CLIP-normalised at S = image_size (sar may be None
+        without the SAR branch); text: (T, P, E) from `encode_text`. -> (B, T, 4G, 4G) float32."""
+        g = self.config.clip_grid
+        vision, rgb_maps, sar_maps = self.encode_images(rgb, sar)
         clip_features = vision.dense[:, 1:].reshape(rgb.shape[0], g, g, -1)
         clip_guidance = tuple(up(x[:, 1:].reshape(x.shape[0], g, g, -1)).astype(jnp.float32)
                               for up, x in zip(self.clip_guidance_up, vision.blocks))
-        level_2g, level_4g, dino_cost = self._dino(self.rgb_dino, self.rgb_levels, rgb)
-        if self.sar_dino is not None:
-            if sar is None:
-                raise ValueError("this model has a SAR branch: pass the SAR tile")
-            sar_2g, sar_4g, sar_cost = self._dino(self.sar_dino, self.sar_levels, sar)
+        level_2g, level_4g, dino_cost = self.rgb_levels(rgb_maps)
+        if sar_maps is not None:
+            sar_2g, sar_4g, sar_cost = self.sar_levels(sar_maps)
             level_2g, level_4g, dino_cost = level_2g + sar_2g, level_4g + sar_4g, dino_cost + sar_cost
         return self.head(clip_features, dino_cost, text, clip_guidance, (level_2g, level_4g))
 

@@ -78,8 +78,11 @@ def save(folder: str | os.PathLike, family: str, config: Any, flat_params: Mappi
     """Writes a converted-model folder; `files` (e.g. tokenizer files) are copied into it.
 
     The parameters are checked against the architecture first, and the folder is written
-    beside the target then renamed into place, so an error leaves nothing behind."""
+    beside the target then renamed into place, so an error leaves nothing behind. float8
+    GEMMs are a speed choice of a run, not part of the weights: the stored config has
+    fp8 off (pass fp8 to `load_model` to run the loaded model in float8)."""
     folder = Path(folder).absolute()
+    config = with_kernels(config, fp8=False)
     abstract = build_abstract(family, config)
     params.check_params(params.param_shapes_of(abstract), flat_params, f"parameters for {family}")
     folder.parent.mkdir(parents=True, exist_ok=True)
