@@ -77,8 +77,10 @@ def test_cmu_step_tiny_fp8(tmp_path):
 
 
 def test_float8_gemm_count_reads_optimised_hlo():
-    """float8_gemms on GPU-style HLO text: cuBLASLt float8 custom calls and Triton GEMM
-    fusions with float8 operands count; bf16 GEMMs and elementwise fusions do not."""
+    """float8_gemms on HLO text laid out as XLA's GPU compiler prints it (operands by name,
+    their types on their definitions): cuBLASLt float8 calls and Triton GEMM fusions with
+    float8 operands count; bf16 GEMMs and the elementwise fusion that makes a float8 array
+    do not."""
     class Compiled:
         def __init__(self, text):
             self.text = text
@@ -87,15 +89,23 @@ def test_float8_gemm_count_reads_optimised_hlo():
             return self.text
 
     hlo = "\n".join([
-        '  %cublas-lt-matmul.3 = (bf16[25216,3072]{1,0}, s8[4194304]{0}) custom-call(f8e4m3fn[25216,768]{1,0} '
-        '%fusion.1, f8e4m3fn[3072,768]{1,0} %fusion.2, f32[] %p.1, f32[] %p.2, f32[] %c, f32[] %c), '
-        'custom_call_target="__cublas$lt$matmul$f8"',
-        '  %gemm_fusion_dot.7 = bf16[25216,768]{1,0} fusion(f8e5m2[25216,3072]{1,0} %q, f8e4m3fn[3072,768]{1,0} '
-        '%w), kind=kCustom, calls=%gemm_fusion_dot.7_computation',
-        '  %cublas-gemm.1 = (bf16[25216,768]{1,0}, s8[0]{0}) custom-call(bf16[25216,768]{1,0} %a, '
-        'bf16[768,768]{1,0} %b), custom_call_target="__cublas$gemm"',
-        '  %loop_convert_fusion = f8e4m3fn[25216,768]{1,0} fusion(bf16[25216,768]{1,0} %x), kind=kLoop, '
-        'calls=%fused_convert',
+        "ENTRY %main.1 (x.1: bf16[4096,768], w.1: bf16[768,3072]) -> bf16[4096,3072] {",
+        "  %x.1 = bf16[4096,768]{1,0} parameter(0)",
+        "  %w.1 = bf16[768,3072]{1,0} parameter(1)",
+        "  %loop_convert_fusion = f8e4m3fn[4096,768]{1,0} fusion(%x.1, %s.1), kind=kLoop, calls=%fused_convert",
+        "  %bitcast.12.0 = f8e4m3fn[768,3072]{0,1} bitcast(%w8.1)",
+        "  %cublas-gemm.3 = (bf16[4096,3072]{1,0}, s8[4194304]{0}) custom-call(%loop_convert_fusion, "
+        '%bitcast.12.0, %s.2, %c.1), custom_call_target="__cublas$lt$matmul$f8"',
+        "  %gemm_fusion_dot.7 = bf16[4096,768]{1,0} fusion(%g8.1, %bitcast.12.0), kind=kCustom, "
+        'calls=%gemm_fusion_dot.7_computation, backend_config={"fusion_backend_config":{"kind":'
+        '"__triton_nested_gemm_fusion"}}',
+        "  %g8.1 = f8e5m2[4096,3072]{1,0} fusion(%g.1), kind=kLoop, calls=%fused_convert.2",
+        "  %gemm_fusion_dot.8 = bf16[4096,3072]{1,0} fusion(%x.1, %w.1), kind=kCustom, "
+        'calls=%gemm_fusion_dot.8_computation, backend_config={"fusion_backend_config":{"kind":'
+        '"__triton_nested_gemm_fusion"}}',
+        "  %cublas-gemm.4 = (bf16[4096,3072]{1,0}, s8[0]{0}) custom-call(%x.1, %w.1), "
+        'custom_call_target="__cublas$lt$matmul"',
+        "}",
     ])
     assert common.float8_gemms(Compiled(hlo)) == 2
 

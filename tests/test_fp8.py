@@ -34,13 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BF16 = ml_dtypes.bfloat16
 
 
-def _np_quantize(x: np.ndarray, fp8_dtype, limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """(dequantised values as bf16, the bf16 scale), rounding as ops/fp8.py documents."""
+def _np_quantize(x: np.ndarray, fp8_dtype, limit: float) -> np.ndarray:
+    """The float8 values times their scale, in float64: x divided by the bf16-rounded
+    scale amax/limit, clipped, rounded to `fp8_dtype`, times the float32 scale (what
+    ops/fp8.py documents; its products multiply the float8 arrays, then the scales)."""
     amax = np.float32(np.abs(x.astype(np.float32)).max())
-    scale = BF16(amax / np.float32(limit)) if amax > 0 else BF16(1.0)
-    scaled = (x.astype(BF16) / scale).astype(BF16)
-    q = np.clip(scaled.astype(np.float32), -limit, limit).astype(BF16).astype(fp8_dtype)
-    return (q.astype(BF16) * scale).astype(BF16), scale
+    scale = amax / np.float32(limit) if amax > 0 else np.float32(1.0)
+    scaled = (x.astype(BF16) / BF16(scale)).astype(np.float32)
+    q = np.clip(scaled, -limit, limit).astype(BF16).astype(fp8_dtype)
+    return q.astype(np.float64) * np.float64(scale)
 
 
 def _rel(a, b) -> float:
@@ -59,13 +61,12 @@ def _operands(seed=0, m=(3, 50), k=64, n=48):
 def test_forward_is_the_float8_rounded_product():
     x, w = _operands()
     y = np.asarray(jax.jit(fp8.matmul, static_argnums=2)(x, w, jnp.bfloat16), np.float64)
-    xd, _ = _np_quantize(x, ml_dtypes.float8_e4m3fn, 448.0)
-    wd, _ = _np_quantize(w, ml_dtypes.float8_e4m3fn, 448.0)
-    ref = xd.astype(np.float64) @ wd.astype(np.float64)
+    ref = _np_quantize(x, ml_dtypes.float8_e4m3fn, 448.0) @ _np_quantize(w, ml_dtypes.float8_e4m3fn, 448.0)
     exact = x.astype(np.float64) @ w.astype(np.float64)
     plain = np.asarray(jnp.asarray(x, jnp.bfloat16) @ jnp.asarray(w, jnp.bfloat16), np.float64)
-    # only the bf16 rounding of the output separates us from the float8 reference ...
-    assert _rel(y, ref) < 4e-3, _rel(y, ref)
+    # only bf16 roundings of the output (the product, its scale: 0.4% here) separate us
+    # from the float8 reference ...
+    assert _rel(y, ref) < 8e-3, _rel(y, ref)
     # ... while float8 operands are an order of magnitude further from the exact product
     # than bf16 operands are
     assert _rel(y, exact) > 5 * _rel(plain, exact), (_rel(y, exact), _rel(plain, exact))
@@ -78,13 +79,12 @@ def test_gradients_are_e5m2_cotangent_times_the_saved_operands():
     y, vjp = jax.vjp(lambda a, b: fp8.matmul(a, b, jnp.bfloat16), jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g, y.dtype))
     assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32  # cast back to the operands' dtypes
-    xd, _ = _np_quantize(x, ml_dtypes.float8_e4m3fn, 448.0)
-    wd, _ = _np_quantize(w, ml_dtypes.float8_e4m3fn, 448.0)
-    gd, _ = _np_quantize(g.astype(BF16), ml_dtypes.float8_e5m2, 57344.0)
-    xd, wd, gd = (a.astype(np.float64) for a in (xd, wd, gd))
+    xd = _np_quantize(x, ml_dtypes.float8_e4m3fn, 448.0)
+    wd = _np_quantize(w, ml_dtypes.float8_e4m3fn, 448.0)
+    gd = _np_quantize(g.astype(BF16), ml_dtypes.float8_e5m2, 57344.0)
     ref_dx = gd @ wd.T
     ref_dw = np.einsum("bmk,bmn->kn", xd, gd)
-    assert _rel(dx, ref_dx) < 4e-3 and _rel(dw, ref_dw) < 4e-3, (_rel(dx, ref_dx), _rel(dw, ref_dw))
+    assert _rel(dx, ref_dx) < 8e-3 and _rel(dw, ref_dw) < 8e-3, (_rel(dx, ref_dx), _rel(dw, ref_dw))
     exact_dx = g.astype(np.float64) @ w.astype(np.float64).T
     assert 0.01 < _rel(dx, exact_dx) < 0.2  # e5m2's 2 mantissa bits show
 

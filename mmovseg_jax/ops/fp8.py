@@ -7,11 +7,13 @@
   with the saved e4m3 operands for the input and weight gradients.
 
 Each tensor is divided by its own scale, amax / float8_max, computed from its current
-values ("current scaling": no amax history to carry in the train state), cast to float8,
-then cast back to `dtype` and multiplied by the scale. XLA's GPU compiler recognises that
-quantise -> dequantise -> dot pattern and runs a cuBLASLt float8 GEMM with the scales
-folded in (Hopper tensor cores, twice the bf16 rate). On other backends the same rounding
-is applied and the product runs in `dtype`, so CPU tests see the float8 numerics.
+values ("current scaling": no amax history to carry in the train state), and cast to
+float8; the product is a dot of the float8 arrays themselves, accumulated in float32,
+times the two scales. XLA's GPU compiler turns that into a float8 GEMM (cuBLASLt's, with
+the scales and a following bias add folded in, or a Triton one; Hopper tensor cores,
+twice the bf16 rate). The quantise -> dequantise -> dot form some libraries use is not
+safe here: XLA may simplify the float8 round trip away, leaving a bf16 GEMM. On other
+backends the same float8 values are multiplied, so CPU tests see the float8 numerics.
 
 The amax of a sharded tensor is reduced over all its shards, so a sharded step computes
 what one device would. This changes results (about 2-6% relative error per product
@@ -39,16 +41,18 @@ def quantize(x: jax.Array, fp8_dtype, scale: jax.Array, dtype) -> jax.Array:
     return jnp.clip(x.astype(dtype) / scale.astype(dtype), -limit, limit).astype(fp8_dtype)
 
 
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """q (float8) back to `dtype`, times the scale."""
-    return q.astype(dtype) * scale.astype(dtype)
-
-
 def matmul(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """x (..., K) @ kernel (K, N) -> (..., N) in `dtype` (bfloat16 for the GPU's float8 GEMMs),
     both operands cast to `dtype` and then rounded to float8 e4m3 with their own scales;
     differentiable (the gradient rounded to e5m2)."""
     return _float8_matmul(x.astype(dtype), kernel.astype(dtype))
+
+
+def _scaled_dot(a: jax.Array, b: jax.Array, dims, scale: jax.Array, out_dtype) -> jax.Array:
+    """dot_general of two float8 arrays times a float32 scalar scale, in out_dtype. Written
+    as a dot of the float8 arrays themselves (not of values cast back up, which XLA may
+    simplify away), so the GPU compiler emits a float8 GEMM with the scale folded in."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype) * scale.astype(out_dtype)
 
 
 @jax.custom_vjp
@@ -57,29 +61,25 @@ def _float8_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _forward(x, kernel):
-    dtype = x.dtype
     x_scale, k_scale = scale_of(x, FORWARD), scale_of(kernel, FORWARD)
-    xq, kq = quantize(x, FORWARD, x_scale, dtype), quantize(kernel, FORWARD, k_scale, dtype)
-    xd, kd = dequantize(xq, x_scale, dtype), dequantize(kq, k_scale, dtype)
-    # (..., K) x (K, N) -> (..., N); the GEMM accumulates in float32 and rounds to dtype.
-    y = jax.lax.dot_general(xd, kd, (((xd.ndim - 1,), (0,)), ((), ())), preferred_element_type=dtype)
+    xq, kq = quantize(x, FORWARD, x_scale, x.dtype), quantize(kernel, FORWARD, k_scale, x.dtype)
+    # (..., K) x (K, N) -> (..., N); the GEMM accumulates in float32.
+    y = _scaled_dot(xq, kq, (((x.ndim - 1,), (0,)), ((), ())), x_scale * k_scale, x.dtype)
     # The float8 operands (half the bytes of bf16) are what the backward pass reads.
     return y, (xq, x_scale, kq, k_scale)
 
 
 def _backward(saved, g):
     xq, x_scale, kq, k_scale = saved
-    dtype = g.dtype
     g_scale = scale_of(g, BACKWARD)
-    gd = dequantize(quantize(g, BACKWARD, g_scale, dtype), g_scale, dtype)
-    xd, kd = dequantize(xq, x_scale, dtype), dequantize(kq, k_scale, dtype)
+    gq = quantize(g, BACKWARD, g_scale, g.dtype)
     # dx = g @ kernel^T: (..., N) x (K, N) -> (..., K).
-    dx = jax.lax.dot_general(gd, kd, (((gd.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+    dx = _scaled_dot(gq, kq, (((g.ndim - 1,), (1,)), ((), ())), g_scale * k_scale, g.dtype)
     # dkernel = x^T @ g over every leading axis: (..., K) x (..., N) -> (K, N), kept in
     # float32 until the sum over a sharded batch is complete, then rounded once.
-    lead = tuple(range(xd.ndim - 1))
-    dk = jax.lax.dot_general(xd, gd, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-    return dx, dk.astype(dtype)
+    lead = tuple(range(g.ndim - 1))
+    dk = _scaled_dot(xq, gq, ((lead, lead), ((), ())), x_scale * g_scale, jnp.float32)
+    return dx, dk.astype(g.dtype)
 
 
 _float8_matmul.defvjp(_forward, _backward)
