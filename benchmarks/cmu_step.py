@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
+import hlo_traffic  # noqa: E402
 from configs import cmu as cmu_configs  # noqa: E402
 from mmovseg_jax.models import dino  # noqa: E402
 from mmovseg_jax.train import cmu, sharding  # noqa: E402
@@ -133,7 +134,7 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     hlo_flops = common.xla_flops(lowered)
     tflops = flops / seconds / 1e12
     row = {"impl": "jax", "attention": attention, "cls shortcut": "on" if cls_shortcut else "off",
-           "fp8": "on" if fp8 else "off", "f8 GEMMs": common.float8_gemms(compiled) if fp8 else None, "size": size,
+           "fp8": "on" if fp8 else "off", "f8 GEMMs": hlo_traffic.float8_gemms(compiled.as_text()) if fp8 else None, "size": size,
            "batch": batch, "step ms": 1e3 * seconds, "img/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "MFU vs measured": common.mfu_text(tflops, measured_peak),
            "remat": remat, "temp GiB": common.temp_gib(compiled),

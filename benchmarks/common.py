@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -144,32 +143,6 @@ def temp_gib(compiled) -> float | None:
         return compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
     except Exception:  # some backends/versions do not implement it
         return None
-
-
-_HLO_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\(?([a-z][a-z0-9]*)\[")
-_HLO_CALL_OPERANDS = re.compile(r"(?:custom-call|fusion)\(([^)]*)\)")
-
-
-def float8_gemms(compiled) -> int:
-    """Matrix multiplies of a compiled computation that read float8 operands, from its
-    optimised HLO: cuBLASLt float8 GEMM calls (`__cublas$lt$matmul$f8`) and other GEMM
-    calls or GEMM fusions (Triton) whose operands are float8 arrays. On a GPU, nonzero
-    shows that the float8 products of ops/fp8.py reached the tensor cores as float8; CPUs
-    run none (always 0)."""
-    lines = compiled.as_text().splitlines()
-    dtypes = {m.group(1): m.group(2) for m in map(_HLO_DEFINITION.match, lines) if m}
-    count = 0
-    for line in lines:
-        if 'custom_call_target="__cublas$lt$matmul$f8"' in line:
-            count += 1
-            continue
-        gemm = ("custom-call(" in line and ("matmul" in line or "gemm" in line)) or \
-            ("fusion(" in line and "kind=kCustom" in line and "gemm" in line)
-        call = _HLO_CALL_OPERANDS.search(line) if gemm else None
-        if call and ("f8e" in call.group(1) or any(dtypes.get(name, "").startswith("f8")
-                                                     for name in re.findall(r"%([\w.\-]+)", call.group(1)))):
-            count += 1
-    return count
 
 
 def vit_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int, patch: int, channels: int = 3) -> float:

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
+import hlo_traffic  # noqa: E402
 from mmovseg_jax.models import layers, mmovseg, storage  # noqa: E402
 from mmovseg_jax.train import def_stage, optim, sharding  # noqa: E402
 
@@ -196,7 +197,7 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
     tflops = flops / seconds / 1e12 if flops else None
     enc_tflops = encoder_flops(cfg) * batch / seconds / 1e12
     row = {"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off",
-           "f8 GEMMs": common.float8_gemms(compiled) if fp8 else None, "size": s, "batch": batch, "classes": classes,
+           "f8 GEMMs": hlo_traffic.float8_gemms(compiled.as_text()) if fp8 else None, "size": s, "batch": batch, "classes": classes,
            "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
            "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "enc MFU": common.mfu_text(enc_tflops, peak),

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+import hlo_traffic  # noqa: E402
 
 
 def _run(args: list[str], timeout: float = 300) -> str:
@@ -77,17 +78,10 @@ def test_cmu_step_tiny_fp8(tmp_path):
 
 
 def test_float8_gemm_count_reads_optimised_hlo():
-    """float8_gemms on HLO text laid out as XLA's GPU compiler prints it (operands by name,
+    """hlo_traffic on HLO text laid out as XLA's GPU compiler prints it (operands by name,
     their types on their definitions): cuBLASLt float8 calls and Triton GEMM fusions with
-    float8 operands count; bf16 GEMMs and the elementwise fusion that makes a float8 array
-    do not."""
-    class Compiled:
-        def __init__(self, text):
-            self.text = text
-
-        def as_text(self):
-            return self.text
-
+    float8 operands count as float8 GEMMs, bf16 GEMMs and the elementwise fusion that
+    makes a float8 array do not; each launch's operand and result bytes add up by kind."""
     hlo = "\n".join([
         "ENTRY %main.1 (x.1: bf16[4096,768], w.1: bf16[768,3072]) -> bf16[4096,3072] {",
         "  %x.1 = bf16[4096,768]{1,0} parameter(0)",
@@ -96,10 +90,10 @@ def test_float8_gemm_count_reads_optimised_hlo():
         "  %bitcast.12.0 = f8e4m3fn[768,3072]{0,1} bitcast(%w8.1)",
         "  %cublas-gemm.3 = (bf16[4096,3072]{1,0}, s8[4194304]{0}) custom-call(%loop_convert_fusion, "
         '%bitcast.12.0, %s.2, %c.1), custom_call_target="__cublas$lt$matmul$f8"',
-        "  %gemm_fusion_dot.7 = bf16[4096,768]{1,0} fusion(%g8.1, %bitcast.12.0), kind=kCustom, "
+        "  %gemm_fusion_dot.7 = bf16[4096,768]{1,0} fusion(%loop_convert_fusion.2, %bitcast.12.0), kind=kCustom, "
         'calls=%gemm_fusion_dot.7_computation, backend_config={"fusion_backend_config":{"kind":'
         '"__triton_nested_gemm_fusion"}}',
-        "  %g8.1 = f8e5m2[4096,3072]{1,0} fusion(%g.1), kind=kLoop, calls=%fused_convert.2",
+        "  %loop_convert_fusion.2 = f8e5m2[4096,3072]{1,0} fusion(%g.1), kind=kLoop, calls=%fused_convert.2",
         "  %gemm_fusion_dot.8 = bf16[4096,3072]{1,0} fusion(%x.1, %w.1), kind=kCustom, "
         'calls=%gemm_fusion_dot.8_computation, backend_config={"fusion_backend_config":{"kind":'
         '"__triton_nested_gemm_fusion"}}',
@@ -107,7 +101,18 @@ def test_float8_gemm_count_reads_optimised_hlo():
         'custom_call_target="__cublas$lt$matmul"',
         "}",
     ])
-    assert common.float8_gemms(Compiled(hlo)) == 2
+    assert hlo_traffic.float8_gemms(hlo) == 2
+    table = hlo_traffic.summary(hlo)
+    assert {k: v["count"] for k, v in table.items()} == {"loop fusion": 2, "gemm f8": 1, "gemm (triton)": 2,
+                                                         "gemm": 1}
+    mb = 4096 * 768, 768 * 3072, 4096 * 3072  # x, w, y elements
+    # the f8 call reads x and w as float8 (1 byte) and writes bf16 y; the workspace is not traffic
+    assert table["gemm f8"]["gb"] * 1e9 == pytest.approx(mb[0] + mb[1] + 2 * mb[2])
+    # the bf16 cuBLAS call reads bf16 x and w and writes bf16 y
+    assert table["gemm"]["gb"] * 1e9 == pytest.approx(2 * (mb[0] + mb[1] + mb[2]))
+    assert "| all | 6 |" in hlo_traffic.table_text(hlo)
+    (family, launches, _), = hlo_traffic.families(hlo, 5)  # both float8 casts, one family
+    assert (family, launches) == ("loop_convert_fusion", 2)
 
 
 def test_def_step_toy_inference(tmp_path):
@@ -157,3 +162,28 @@ def test_peaks_and_mfu():
     assert common.mfu_text(494.5, 989.0) == "50.0%"
     assert common.mfu_text(10.0, None) == "n/a"
     assert common.table(("a", "b"), [{"a": 1, "b": None}]) == "| a | b |\n|---|---|\n| 1 | - |"
+
+
+def _cuda_plugin_present() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+@pytest.mark.skipif(not _cuda_plugin_present(), reason="needs jaxlib's CUDA plugin and NVIDIA wheels (about 5 GB; "
+                    "see benchmarks/compile_for_gpu.py), not part of requirements.txt")
+def test_compile_for_gpu_finds_the_float8_gemms(tmp_path):
+    """Deviceless compile of the CMU step for an H200: cuDNN attention calls in it, no
+    float8 GEMM in the bf16 step, float8 GEMMs for every block matmul with fp8 on."""
+    out = _run(["benchmarks/compile_for_gpu.py", "--steps", "cmu224,cmu224_fp8", "--out", str(tmp_path)],
+               timeout=900)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| cmu224")}
+    columns = ["compile s", "GEMM calls", "float8 GEMMs", "Triton GEMM fusions", "attention calls"]
+    bf16, fp8 = (dict(zip(columns, rows[name])) for name in ("cmu224", "cmu224_fp8"))
+    assert bf16["float8 GEMMs"] == "0" and int(fp8["float8 GEMMs"]) >= 190
+    assert int(bf16["attention calls"]) > 0
+    assert (tmp_path / "cmu224_fp8.hlo.txt").read_text().count("f8e4m3fn") > 0
