@@ -123,8 +123,9 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     lowered = train_step.lower(state, teacher_params, batch_arrays)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    hlo = compiled.as_text() if fp8 or hlo_dir is not None else ""  # rendered once, read twice
     common.write_hlo(hlo_dir, f"cmu_{size}_b{batch}_{attention}_shortcut-{'on' if cls_shortcut else 'off'}"
-                              f"_fp8-{'on' if fp8 else 'off'}_remat-{remat}", compiled)
+                              f"_fp8-{'on' if fp8 else 'off'}_remat-{remat}", hlo)
 
     def step(s):
         return compiled(s, teacher_params, batch_arrays)[0]
@@ -134,7 +135,8 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     hlo_flops = common.xla_flops(lowered)
     tflops = flops / seconds / 1e12
     row = {"impl": "jax", "attention": attention, "cls shortcut": "on" if cls_shortcut else "off",
-           "fp8": "on" if fp8 else "off", "f8 GEMMs": hlo_traffic.float8_gemms(compiled.as_text()) if fp8 else None, "size": size,
+           "fp8": "on" if fp8 else "off", "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if fp8 else None,
+           "size": size,
            "batch": batch, "step ms": 1e3 * seconds, "img/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "MFU vs measured": common.mfu_text(tflops, measured_peak),
            "remat": remat, "temp GiB": common.temp_gib(compiled),

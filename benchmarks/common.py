@@ -204,12 +204,12 @@ def add_hlo_arg(parser) -> None:
                              "to a text file in this folder, for reading after a GPU session")
 
 
-def write_hlo(folder: Path | None, name: str, compiled) -> None:
-    """Writes `compiled.as_text()` (the optimised HLO) to folder/name.hlo.txt (nothing when
+def write_hlo(folder: Path | None, name: str, text: str) -> None:
+    """Writes optimised HLO text (`compiled.as_text()`) to folder/name.hlo.txt (nothing when
     folder is None)."""
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"{name}.hlo.txt").write_text(compiled.as_text())
+        (Path(folder) / f"{name}.hlo.txt").write_text(text)
 
 
 def results_path(args) -> Path | None:

@@ -128,9 +128,7 @@ def compile_row(name: str, lower, out: Path | None, bandwidth: float) -> dict:
     compiled = lower().compile()
     seconds = time.perf_counter() - start
     text = compiled.as_text()
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.hlo.txt").write_text(text)
+    common.write_hlo(out, name, text)
     table = hlo_traffic.summary(text)
     count = lambda *kinds: int(sum(table.get(k, {}).get("count", 0) for k in kinds))  # noqa: E731
     memory = sum(r["gb"] for k, r in table.items() if not k.startswith("gemm") and k != "attention")

@@ -178,7 +178,6 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = fn.lower(state, rgb, sar, text).compile()
         compile_s = time.perf_counter() - start
-        common.write_hlo(hlo_dir, f"def_{variant}_{mode}_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", compiled)
         step, carry = (lambda _: compiled(state, rgb, sar, text)), None
         seconds, _ = common.time_loop(step, carry, steps, warmup)
         config = None
@@ -189,15 +188,17 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         start = time.perf_counter()
         compiled = step.lower(state, frozen, batch_in, tokens).compile()
         compile_s = time.perf_counter() - start
-        common.write_hlo(hlo_dir, f"def_{variant}_train_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", compiled)
         step = lambda st: compiled(st, frozen, batch_in, tokens)[0]  # noqa: E731
         seconds, carry = common.time_loop(step, state, steps, warmup)
+    hlo = compiled.as_text() if fp8 or hlo_dir is not None else ""  # rendered once, read twice
+    common.write_hlo(hlo_dir, f"def_{variant}_{mode}_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", hlo)
     flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes,
                           config if config is not None else train_config(variant, batch, dtype))
     tflops = flops / seconds / 1e12 if flops else None
     enc_tflops = encoder_flops(cfg) * batch / seconds / 1e12
     row = {"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off",
-           "f8 GEMMs": hlo_traffic.float8_gemms(compiled.as_text()) if fp8 else None, "size": s, "batch": batch, "classes": classes,
+           "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if fp8 else None, "size": s, "batch": batch,
+           "classes": classes,
            "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
            "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "enc MFU": common.mfu_text(enc_tflops, peak),
