@@ -73,13 +73,11 @@ def cost_maps(model: mmovseg.Model, rgb: jax.Array, sar: jax.Array | None,
     level projections, as `Model.logits` computes it).
     """
     b, g = rgb.shape[0], model.config.clip_grid
-    dense = model.clip.encode_image(model.clip_input(rgb), (), dense=True).dense
-    clip_features = dense[:, 1:].reshape(b, g, g, -1)
-    dino = model.rgb_levels(model.dino_patch_maps(model.rgb_dino, rgb))[2]
-    if model.sar_dino is not None:
-        if sar is None:
-            raise ValueError("this model has a SAR branch: pass the SAR tile")
-        dino = dino + model.sar_levels(model.dino_patch_maps(model.sar_dino, sar))[2]
+    vision, rgb_maps, sar_maps = model.encode_images(rgb, sar)  # what Model.logits reads
+    clip_features = vision.dense[:, 1:].reshape(b, g, g, -1)
+    dino = model.rgb_levels(rgb_maps)[2]
+    if sar_maps is not None:
+        dino = dino + model.sar_levels(sar_maps)[2]
     return (def_head.cosine_cost(clip_features, text).mean(-1),
             def_head.cosine_cost(dino, text).mean(-1))
 
