@@ -129,18 +129,52 @@ def test_failed_save_is_loud_and_keeps_the_previous_checkpoint(tmp_path, straigh
     """A checkpoint that cannot be written (files over 100 kB refused, as on a full disk)."""
     workdir = tmp_path / "run"
     # A step-10 checkpoint of the 40-step schedule (a NaN at step 12 stops the run there).
-    subprocess.run(_command(workdir, *STEPS, "--config.faults.inject_nan_at=12"), cwd=ROOT, env=_env(),
-                   capture_output=True, timeout=600)
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10"]
+    first = subprocess.run(_command(workdir, *STEPS, "--config.faults.inject_nan_at=12"), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    listing = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert listing == ["10"], (listing, first.stderr[-3000:])
     result = subprocess.run(_command(workdir, *STEPS), cwd=ROOT, env=_env(), capture_output=True, text=True,
                             timeout=600, preexec_fn=_limit_file_size)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "saving checkpoint step 20" in error[0] and "File too large" in error[0], \
         result.stderr[-3000:]
-    assert f"step 10 ({workdir / 'checkpoints' / '10'}) is intact" in error[0]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["10"]
+    assert f"step 10 ({workdir / 'checkpoints' / '10'}) is intact" in error[0], error[0]
+    listing = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert [name for name in listing if name.isdigit()] == ["10"], listing
     # With room again, the run resumes from step 10 and matches the uninterrupted one.
     resumed = _run(workdir, *STEPS)
     assert f"resumed from {workdir / 'checkpoints' / '10'}" in resumed.stdout
     _same_losses(_metrics(workdir), straight)
+
+
+@pytest.mark.parametrize("tail", [
+    ': Failed to write 166755 bytes to file 4: File too large [os_error_code=\'27\']',
+    # Opening a zarr array puts the TensorStore spec (with brackets inside) before the OS code.
+    ': Failed to write 166755 bytes to file 4: File too large [tensorstore_spec=\'{"metadata":{"chunks":[64,64]}}\']'
+    ' [os_error_code=\'27\']',
+    ': Failed to write 166755 bytes to file 4 [os_error_code=27] [source locations=\'tensorstore/util/file.cc:10\']',
+    ': write failed: File too large',  # no code at all: the OS's text is recognised
+])
+def test_failed_save_names_the_os_error_in_any_tensorstore_form(tmp_path, tail):
+    from mmovseg_jax.train.checkpointing import Checkpointer
+    error = ValueError('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "x/.zarray" in OCDBT database' + tail)
+    message = str(Checkpointer(tmp_path)._failed(20, error))
+    assert "File too large, errno 27" in message and "saving checkpoint step 20" in message, message
+    assert message.endswith("there is no earlier checkpoint"), message
+
+
+def test_failed_save_reason_from_an_os_error_in_the_chain_or_the_message_ends():
+    from mmovseg_jax.train.checkpointing import failure_reason
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("commit of step 20 failed") from cause
+    except RuntimeError as wrapped:
+        assert failure_reason(wrapped) == "No space left on device, errno 28"
+    # nothing OS-like: the type, and the start and end of a long message (where the cause usually is)
+    long = ValueError("INTERNAL: " + "spec " * 100 + "the real cause")
+    reason = failure_reason(long)
+    assert reason.startswith("ValueError: INTERNAL: spec") and reason.endswith("the real cause"), reason
+    assert len(reason) < 330

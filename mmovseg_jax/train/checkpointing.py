@@ -13,6 +13,8 @@ interrupted save are removed when the next run opens the folder.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,34 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written."""
+
+
+# The OS failures a save meets in practice, recognised by their text where no code is given.
+_OS_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def failure_reason(error: BaseException) -> str:
+    """What made a save fail, in a few words: "File too large, errno 27" when an OS error is
+    behind it (an OSError anywhere in the exception chain; TensorStore's "os_error_code"
+    wherever it stands in its message, quoted or not; "[Errno N]"; or the OS's own text for
+    a full disk, a file-size limit, a quota, a read-only or unreadable folder), else the
+    exception's type with the start and end of its message."""
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno:
+            return f"{os.strerror(e.errno)}, errno {e.errno}"
+    text = " ".join(" ".join(str(e).split()) for e in chain)
+    code = re.search(r"os_error_code\W{0,3}(\d+)", text) or re.search(r"\[Errno (\d+)\]", text)
+    if code:
+        return f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}"
+    for number in _OS_ERRNOS:
+        if os.strerror(number) in text:
+            return f"{os.strerror(number)}, errno {number}"
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message if len(message) <= 300 else message[:150] + ' ... ' + message[-150:]}"
 
 
 class Checkpointer:
@@ -42,10 +72,8 @@ class Checkpointer:
         complete = [s for s in self.manager.all_steps() if s != step]
         last = f"step {max(complete)} ({self.directory / str(max(complete))}) is intact" if complete else \
             "there is no earlier checkpoint"
-        text = " ".join(str(error).split())
-        os_error = re.search(r": ([A-Za-z][A-Za-z ]+) \[os_error_code='(\d+)'\]", text)  # TensorStore's form
-        reason = f"{os_error.group(1)}, errno {os_error.group(2)}" if os_error else f"{type(error).__name__}: {text[:200]}"
-        return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed ({reason}); {last}")
+        return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed ({failure_reason(error)}); "
+                               f"{last}")
 
     def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
         """Starts an asynchronous save (if `step` is due, or `force`); returns whether it saved.
