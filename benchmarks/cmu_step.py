@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 import common  # noqa: E402
 import hlo_traffic  # noqa: E402
 from configs import cmu as cmu_configs  # noqa: E402
-from mmovseg_jax.models import dino  # noqa: E402
+from mmovseg_jax.models import dino, storage  # noqa: E402
 from mmovseg_jax.train import cmu, sharding  # noqa: E402
 
 # Per variant: the teacher/student architecture and the default image sizes.
@@ -54,16 +54,21 @@ VARIANTS = {
 ANCHOR_BATCH = {224: 128, 384: 48}  # shared/bench/torch_cmu_anchor.py
 ANCHOR_PATHS = (HERE.parent.parent / "shared" / "bench" / "torch_cmu_anchor.py",
                 HERE.parent / ".shared_copy" / "bench" / "torch_cmu_anchor.py")
-COLUMNS = ("impl", "attention", "cls shortcut", "fp8", "f8 GEMMs", "size", "batch", "step ms", "img/s", "TFLOP/s", "MFU",
-           "MFU vs measured", "remat", "temp GiB", "XLA GFLOP/step", "compile s", "ratio vs torch eager")
+COLUMNS = ("impl", "attention", "cls shortcut", "fp8", "teacher fp8", "f8 GEMMs", "fast numerics", "size", "batch",
+           "step ms", "img/s", "TFLOP/s", "MFU", "MFU vs measured", "remat", "temp GiB", "XLA GFLOP/step", "compile s",
+           "ratio vs torch eager")
 
 
 def make_config(variant: str, size: int, batch: int, dtype: str, cls_shortcut: bool = True,
-                remat: str = "none", fp8: bool = False):
+                remat: str = "none", fp8: bool = False, fast_numerics: bool = False, teacher_fp8: str = "off"):
     """configs/cmu.py "paper" with the anchor's model size, batch and loss (`fp8`: the
-    teacher's and student's block GEMMs in float8, config.model.fp8)."""
+    teacher's and student's block GEMMs in float8, config.model.fp8; `fast_numerics`:
+    common.FAST_NUMERICS in config.model; `teacher_fp8`: config.model.teacher_fp8)."""
     c = cmu_configs.get_config("paper")
     c.model.fp8 = fp8
+    c.model.teacher_fp8 = teacher_fp8
+    if fast_numerics:
+        c.model.update(common.FAST_NUMERICS)
     c.cls_shortcut = cls_shortcut
     c.remat = remat
     c.teacher_required = False
@@ -87,7 +92,8 @@ def teacher_config(config, attention: str) -> dino.Config:
     m = config.model
     base = dino.VARIANTS[m.variant] if m.variant else dino.Config(
         patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=4 * m.width)
-    return dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=attention, fp8=m.fp8)
+    return storage.with_kernels(dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype),
+                                **{**storage.kernel_choices(m), "attention": attention})
 
 
 def analytic_flops(cfg: dino.Config, size: int, batch: int) -> float:
@@ -99,15 +105,15 @@ def analytic_flops(cfg: dino.Config, size: int, batch: int) -> float:
 
 def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, steps: int, warmup: int,
               peak: float | None, cls_shortcut: bool = True, measured_peak: float | None = None,
-              profile: bool = False, remat: str = "none", fp8: bool = False, hlo_dir=None) -> dict:
+              profile: bool = False, remat: str = "none", fp8: bool = False, hlo_dir=None,
+              fast_numerics: bool = False, teacher_fp8: str = "off") -> dict:
     """Builds the step as cmu.run does, compiles it, times it (and with `profile`, splits
     its device time by XLA op); one result row."""
-    config = make_config(variant, size, batch, dtype, cls_shortcut, remat, fp8)
+    config = make_config(variant, size, batch, dtype, cls_shortcut, remat, fp8, fast_numerics, teacher_fp8)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(batch, mesh)
     tcfg = teacher_config(config, attention)
-    # Random weights drawn on the host (common.random_init): the values do not change the speed.
-    teacher = common.random_init(lambda: dino.Model(tcfg, rngs=nnx.Rngs(config.seed)), config.seed)
+    teacher = build_teacher(config, tcfg)
     aligner = common.random_init(lambda: cmu.Aligner(
         tcfg, len(config.blocks), config.loss.projection_dim, config.loss.temperature,
         config.loss.learn_temperature, rngs=nnx.Rngs(config.seed + 1)), config.seed + 1)
@@ -123,9 +129,12 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     lowered = train_step.lower(state, teacher_params, batch_arrays)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    hlo = compiled.as_text() if fp8 or hlo_dir is not None else ""  # rendered once, read twice
+    float8 = fp8 or teacher_fp8 != "off"
+    hlo = compiled.as_text() if float8 or hlo_dir is not None else ""  # rendered once, read twice
     common.write_hlo(hlo_dir, f"cmu_{size}_b{batch}_{attention}_shortcut-{'on' if cls_shortcut else 'off'}"
-                              f"_fp8-{'on' if fp8 else 'off'}_remat-{remat}", hlo)
+                              f"_fp8-{'on' if fp8 else 'off'}_tfp8-{teacher_fp8}"
+                              f"_fast-{'on' if fast_numerics else 'off'}"
+                              f"_remat-{remat}", hlo)
 
     def step(s):
         return compiled(s, teacher_params, batch_arrays)[0]
@@ -135,8 +144,9 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     hlo_flops = common.xla_flops(lowered)
     tflops = flops / seconds / 1e12
     row = {"impl": "jax", "attention": attention, "cls shortcut": "on" if cls_shortcut else "off",
-           "fp8": "on" if fp8 else "off", "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if fp8 else None,
-           "size": size,
+           "fp8": "on" if fp8 else "off", "teacher fp8": teacher_fp8,
+           "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if float8 else None,
+           "fast numerics": "on" if fast_numerics else "off", "size": size,
            "batch": batch, "step ms": 1e3 * seconds, "img/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "MFU vs measured": common.mfu_text(tflops, measured_peak),
            "remat": remat, "temp GiB": common.temp_gib(compiled),
@@ -145,8 +155,25 @@ def bench_one(variant: str, size: int, batch: int, attention: str, dtype: str, s
     if profile:
         row["profile"] = common.kernel_profile(step, state)
         print(common.profile_text(row["profile"], f"profile: cmu step {size} px, {attention}, cls shortcut "
-                                                  f"{row['cls shortcut']}, fp8 {row['fp8']}"), flush=True)
+                                                  f"{row['cls shortcut']}, fp8 {row['fp8']}, fast numerics "
+                                                  f"{row['fast numerics']}"), flush=True)
     return row
+
+
+def build_teacher(config, student_config: dino.Config) -> dino.Model:
+    """The teacher with random weights drawn on the host (common.random_init: the values do
+    not change the speed); with config.model.teacher_fp8 = "static", float8 and frozen
+    after a calibration on random tiles (with XLA attention, which runs anywhere), as
+    cmu.run does on the held-out ones."""
+    static = cmu.teacher_fp8(config) == "static"
+    cfg = dataclasses.replace(student_config, fp8=True) if static else student_config
+    teacher = common.random_init(lambda: dino.Model(cfg, rngs=nnx.Rngs(config.seed)), config.seed)
+    if static:
+        size, n = config.model.image_size, min(config.global_batch_size, 16)
+        tiles = np.random.default_rng(1).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        with common.xla_attention(teacher):
+            cmu.freeze_teacher(teacher, config, [tiles])
+    return teacher
 
 
 def find_anchor(path: str | None) -> Path | None:
@@ -218,11 +245,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--attention", default="xla", help="comma list of xla, cudnn, auto")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     p.add_argument("--cls-shortcut", default="on", choices=("on", "off", "both"),
-                   help="config.cls_shortcut: the deepest block for the CLS query only (on, the default), "
+                   help="config.cls_shortcut: the deepest block for the leading token rows only (on, the default), "
                         "every token (off, as the anchor), or a row of each")
     p.add_argument("--fp8", default="off", choices=("on", "off", "both"),
                    help="config.model.fp8: float8 block GEMMs in teacher and student (changes results; off, the "
                         "default), or a row of each; the f8 GEMMs column counts those XLA compiled")
+    p.add_argument("--teacher-fp8", default="off", choices=("off", "static", "both"),
+                   help="config.model.teacher_fp8: the frozen teacher's GEMMs in float8 with static scales, "
+                        "calibrated on random tiles (changes results; off, the default), or a row of each")
+    common.add_fast_numerics_arg(p)
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                    help="config.remat: recompute the student's block activations in the backward pass")
     p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op "
@@ -237,7 +268,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--torch-timeout", type=float, default=300.0, help="seconds allowed for the anchor")
     common.add_output_args(p)
     common.add_hlo_arg(p)
+    common.add_cudnn_pad_arg(p)
     args = p.parse_args(argv)
+    pad_label = common.apply_cudnn_pad(args.cudnn_pad_multiple)
     sizes = [int(s) for s in (args.sizes.split(",") if args.sizes else VARIANTS[args.variant]["sizes"])]
     attentions = [a.strip() for a in args.attention.split(",")]
     batches = {s: args.batch or ANCHOR_BATCH.get(s, 128) for s in sizes}
@@ -259,19 +292,26 @@ def main(argv=None) -> list[dict]:
     measured = common.measured_matmul_tflops() if args.measure_peak else None
     if measured:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
-    choices = {"on": (True,), "off": (False,), "both": (False, True)}
+    choices = common.ON_OFF
     rows = []
-    for size, attention, shortcut, fp8 in itertools.product(sizes, attentions, choices[args.cls_shortcut],
-                                                            choices[args.fp8]):
+    teacher_choices = ("off", "static") if args.teacher_fp8 == "both" else (args.teacher_fp8,)
+    for size, attention, shortcut, fp8, fast, teacher_fp8 in itertools.product(
+            sizes, attentions, choices[args.cls_shortcut], choices[args.fp8], choices[args.fast_numerics],
+            teacher_choices):
         try:
             rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
-                                  args.warmup, peak, shortcut, measured, args.profile, args.remat, fp8, args.hlo_dir))
+                                  args.warmup, peak, shortcut, measured, args.profile, args.remat, fp8, args.hlo_dir,
+                                  fast, teacher_fp8))
         except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
             rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
                          "cls shortcut": "on" if shortcut else "off", "fp8": "on" if fp8 else "off",
+                         "teacher fp8": teacher_fp8, "fast numerics": "on" if fast else "off",
                          "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
         print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
               flush=True)
+    for r in rows:  # a padding other than the default is named in the attention column
+        if r["attention"] in ("cudnn", "auto"):
+            r["attention"] += pad_label
     rows += torch_rows(anchor_results, peak, measured)
     eager = {(r["size"], r["batch"]): r["img/s"] for r in rows if r["impl"] == "torch eager" and r.get("img/s")}
     for r in rows:
@@ -288,7 +328,8 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         if r.get("ratio vs torch eager"):
             print(f"ratio ours / torch eager at {r['size']} px, batch {r['batch']}, attention {r['attention']}, "
-                  f"cls shortcut {r['cls shortcut']}, fp8 {r.get('fp8', 'off')}: "
+                  f"cls shortcut {r['cls shortcut']}, fp8 {r.get('fp8', 'off')}, fast numerics "
+                  f"{r.get('fast numerics', 'off')}: "
                   f"{r['ratio vs torch eager']}")
     out = common.results_path(args)
     if out is not None:

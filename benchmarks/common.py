@@ -7,6 +7,7 @@ folder and the repository root on sys.path).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -41,6 +42,26 @@ def _leaf_name(path) -> str:
         if isinstance(name, str) and name != "value":
             return name
     return ""
+
+
+@contextlib.contextmanager
+def xla_attention(model: Any):
+    """Within the block, every `layers.Attention` of the nnx `model` runs XLA attention,
+    which runs on any device (e.g. to calibrate float8 layers on the CPU); the configured
+    kernels are put back after."""
+    from flax import nnx
+
+    from mmovseg_jax.models import layers
+
+    attentions = [m for _, m in nnx.iter_modules(model) if isinstance(m, layers.Attention)]
+    kernels = [a.implementation for a in attentions]
+    for a in attentions:
+        a.implementation = "xla"
+    try:
+        yield model
+    finally:
+        for a, kernel in zip(attentions, kernels):
+            a.implementation = kernel
 
 
 def random_init(make: Callable[[], Any], seed: int = 0) -> Any:
@@ -202,6 +223,38 @@ def add_hlo_arg(parser) -> None:
     parser.add_argument("--hlo-dir", type=Path, default=None,
                         help="also write each row's optimised HLO (what XLA compiled: fusions, GEMM calls) "
                              "to a text file in this folder, for reading after a GPU session")
+
+
+# What `--fast-numerics on` sets (config.model fields, storage.with_kernels keywords): a
+# bfloat16 residual stream and the tanh GELU. They change results; both are off by default.
+FAST_NUMERICS = {"residual_dtype": "bfloat16", "gelu": "tanh"}
+ON_OFF = {"on": (True,), "off": (False,), "both": (False, True)}
+
+
+def add_fast_numerics_arg(parser) -> None:
+    """--fast-numerics on|off|both (see FAST_NUMERICS)."""
+    parser.add_argument("--fast-numerics", default="off", choices=sorted(ON_OFF),
+                        help="the encoders' residual stream in bfloat16 and the tanh GELU (config.model."
+                             "residual_dtype=bfloat16, gelu=tanh; change results; off, the default), or a row of each")
+
+
+def add_cudnn_pad_arg(parser) -> None:
+    """--cudnn-pad-multiple N (layers.CUDNN_PAD_MULTIPLE; see `apply_cudnn_pad`)."""
+    parser.add_argument("--cudnn-pad-multiple", type=int, default=None,
+                        help="pad tokens for cuDNN attention to a multiple of this (default "
+                             "layers.CUDNN_PAD_MULTIPLE, 64; 2 tries the least padding JAX accepts for training)")
+
+
+def apply_cudnn_pad(multiple: int | None) -> str:
+    """Sets layers.CUDNN_PAD_MULTIPLE (None keeps it); returns the label for the attention
+    column: "" for the default 64, else " (pad N)"."""
+    from mmovseg_jax.models import layers
+
+    if multiple is not None:
+        if multiple < 1:
+            raise SystemExit(f"--cudnn-pad-multiple must be >= 1, got {multiple}")
+        layers.CUDNN_PAD_MULTIPLE = multiple
+    return "" if layers.CUDNN_PAD_MULTIPLE == 64 else f" (pad {layers.CUDNN_PAD_MULTIPLE})"
 
 
 def write_hlo(folder: Path | None, name: str, text: str) -> None:

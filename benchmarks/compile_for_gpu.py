@@ -9,7 +9,7 @@ Nothing runs and nothing is timed: the table counts the GEMM calls (cuBLAS, floa
 Triton GEMM fusions, cuDNN attention calls and other kernels, and the bytes they move
 (`hlo_traffic.py`); `--out` keeps each optimised HLO. It answers questions a GPU session
 is too short for, such as whether the float8 products of `--config.model.fp8` compile to
-float8 GEMMs (they do: 196 in the CMU step) or where the memory traffic goes. Without a
+float8 GEMMs (they do: 192 in the CMU step) or where the memory traffic goes. Without a
 device XLA cannot autotune: its GEMMs default to Triton fusions with untuned tiles,
 where on the card autotuning picks cuBLAS or tuned Triton; fusion and layout decisions
 are the card's. `--xla_gpu_enable_triton_gemm=false` shows the cuBLAS form.
@@ -44,13 +44,20 @@ import cmu_step  # noqa: E402
 import common  # noqa: E402
 import def_step  # noqa: E402
 import hlo_traffic  # noqa: E402
-from mmovseg_jax.models import dino  # noqa: E402
+from mmovseg_jax.models import dino, layers  # noqa: E402
 from mmovseg_jax.train import cmu, loop, optim, sharding  # noqa: E402
 
 # Per card: (SMs, HBM bytes/s, memory bytes, description); the rest is Hopper's (sm_90).
 CARDS = {"h200": (132, 4.8e12, 141 * 2 ** 30, "NVIDIA H200"), "h100": (132, 3.35e12, 80 * 2 ** 30,
                                                                       "NVIDIA H100 80GB HBM3")}
-STEPS = ("cmu224", "cmu224_fp8", "def_infer", "def_infer_fp8")
+# NAME[_fast][_fp8|_fp8static|_tfp8static]: _fast with common.FAST_NUMERICS (bf16 residual
+# stream, tanh GELU), _fp8 with float8 block GEMMs (current scaling), _fp8static with float8
+# layers calibrated and frozen (inference only; def_step.freeze_fp8 runs the model once
+# on the CPU first, so these take a minute longer), _tfp8static the CMU step with only its
+# frozen teacher so (config.model.teacher_fp8 = "static"; calibrated on the CPU first too).
+STEPS = ("cmu224", "cmu224_fp8", "cmu224_fast", "cmu224_fast_fp8", "cmu224_tfp8static", "cmu224_fast_tfp8static",
+         "def_infer", "def_infer_fp8", "def_infer_fast", "def_infer_fast_fp8", "def_infer_fp8static",
+         "def_infer_fast_fp8static")
 COLUMNS = ("step", "compile s", "GEMM calls", "float8 GEMMs", "Triton GEMM fusions", "attention calls",
            "other kernels", "GB moved", "memory-bound GB", "memory-bound ms at bandwidth")
 
@@ -92,12 +99,17 @@ def _on(mesh, tree, spec_of=None):
                         tree, *([spec_of] if spec_of is not None else []))
 
 
-def lower_cmu(mesh, fp8: bool, size: int = 224, batch: int = 128):
+def lower_cmu(mesh, fp8: bool, fast_numerics: bool = False, size: int = 224, batch: int = 128,
+              teacher_fp8: str = "off"):
     """The CMU step of `cmu_step.py` (B/16 teacher and student, cuDNN attention, CLS
-    shortcut), lowered on abstract inputs."""
-    config = cmu_step.make_config("B16", size, batch, "bfloat16", True, "none", fp8)
+    shortcut), lowered on abstract inputs (a teacher in static float8 is built, calibrated
+    on the CPU and frozen first)."""
+    config = cmu_step.make_config("B16", size, batch, "bfloat16", True, "none", fp8, fast_numerics, teacher_fp8)
     tcfg = cmu_step.teacher_config(config, "cudnn")
-    teacher = nnx.eval_shape(lambda: dino.Model(tcfg, rngs=nnx.Rngs(0)))
+    if teacher_fp8 == "static":
+        teacher = cmu_step.build_teacher(config, tcfg)
+    else:
+        teacher = nnx.eval_shape(lambda: dino.Model(tcfg, rngs=nnx.Rngs(0)))
     aligner = nnx.eval_shape(lambda: cmu.Aligner(tcfg, len(config.blocks), config.loss.projection_dim,
                                                  config.loss.temperature, config.loss.learn_temperature,
                                                  rngs=nnx.Rngs(1)))
@@ -113,11 +125,11 @@ def lower_cmu(mesh, fp8: bool, size: int = 224, batch: int = 128):
     return step.lower(_on(mesh, state, shardings), _on(mesh, teacher_params), images)
 
 
-def lower_def(mesh, fp8: bool, batch: int = 8, classes: int = 8):
+def lower_def(mesh, fp8: str, fast_numerics: bool = False, batch: int = 8, classes: int = 8):
     """DEF inference of `def_step.py` (variant B, 384 px, cuDNN attention), lowered on
-    abstract inputs."""
-    cfg = def_step.model_config("B", "bfloat16", "cudnn", fp8)
-    fn, state, text = def_step.make_infer(cfg, True, classes)
+    abstract inputs. fp8: "off" | "on" | "static" (def_step.FP8_MODES)."""
+    cfg = def_step.model_config("B", "bfloat16", "cudnn", fp8 != "off", fast_numerics)
+    fn, state, text = def_step.make_infer(cfg, True, classes, fp8_static=fp8 == "static")
     s = cfg.image_size
     image = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
     return fn.lower(_on(mesh, state), *_on(mesh, [image, image, text]))
@@ -146,7 +158,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
     p.add_argument("--card", default="h200", choices=sorted(CARDS))
     p.add_argument("--out", type=Path, default=None, help="write each optimised HLO here (NAME.hlo.txt)")
+    common.add_cudnn_pad_arg(p)
     args = p.parse_args(argv)
+    common.apply_cudnn_pad(args.cudnn_pad_multiple)
     steps = [s.strip() for s in args.steps.split(",")]
     for s in steps:
         if s not in STEPS:
@@ -160,14 +174,17 @@ def main(argv=None) -> list[dict]:
                  "the CUDA plugin and NVIDIA wheels as this script's docstring says and put them on PYTHONPATH")
     mesh = topologies.make_mesh(topology, (1, 1), sharding.BATCH_AXES)
     bandwidth = CARDS[args.card][1]
-    lowerings = {"cmu224": lambda: lower_cmu(mesh, False), "cmu224_fp8": lambda: lower_cmu(mesh, True),
-                 "def_infer": lambda: lower_def(mesh, False), "def_infer_fp8": lambda: lower_def(mesh, True)}
     rows = []
     for name in steps:
-        rows.append(compile_row(name, lowerings[name], args.out, bandwidth))
+        fp8 = "static" if name.endswith("_fp8static") else "on" if name.endswith("_fp8") else "off"
+        fast, teacher_fp8 = "_fast" in name, "static" if name.endswith("_tfp8static") else "off"
+        lower = (lambda: lower_cmu(mesh, fp8 == "on", fast, teacher_fp8=teacher_fp8)) if name.startswith("cmu224") \
+            else (lambda: lower_def(mesh, fp8, fast))
+        rows.append(compile_row(name, lower, args.out, bandwidth))
         print(f"  done: {name} in {rows[-1]['compile s']:.0f} s", flush=True)
     print(f"deviceless compile for {CARDS[args.card][3]}: jax {jax.__version__}, cuDNN wheel "
-          f"{'.'.join(map(str, _version('nvidia-cudnn-cu12', (0, 0))))}, XLA_FLAGS="
+          f"{'.'.join(map(str, _version('nvidia-cudnn-cu12', (0, 0))))}, cuDNN attention tokens padded to a "
+          f"multiple of {layers.CUDNN_PAD_MULTIPLE}, XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '') or '(none)'}")
     print(common.table(COLUMNS, rows))
     return rows

@@ -47,7 +47,7 @@ from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
 import hlo_traffic  # noqa: E402
-from mmovseg_jax.models import layers, mmovseg, storage  # noqa: E402
+from mmovseg_jax.models import fp8_inference, layers, mmovseg, storage  # noqa: E402
 from mmovseg_jax.train import def_stage, optim, sharding  # noqa: E402
 
 def_configs = importlib.import_module("configs.def")  # "def" is a keyword
@@ -66,15 +66,22 @@ def _toy() -> mmovseg.Config:
                                head=dataclasses.replace(cfg.head, num_layers=0),
                                clip_guidance_blocks=(0, 1), dino_blocks=(0, 1, 1), image_size=64)
 MODES = ("inference", "train", "encoders")
-COLUMNS = ("mode", "attention", "fp8", "f8 GEMMs", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
+# --fp8: off; on (current scaling, ops/fp8.py); static (inference only: calibrated on one
+# random batch and frozen, models/fp8_inference.py); both = off and on; all = the three,
+# static before on (a GPU session's stage may run out of time before its last rows).
+FP8_MODES = {"off": ("off",), "on": ("on",), "static": ("static",), "both": ("off", "on"),
+             "all": ("off", "static", "on")}
+COLUMNS = ("mode", "attention", "fp8", "f8 GEMMs", "fast numerics", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
            "GFLOP/tile", "enc TFLOP/tile", "enc MFU", "enc MFU vs measured", "compile s")
 
 
-def model_config(variant: str, dtype: str, attention: str, fp8: bool = False) -> mmovseg.Config:
+def model_config(variant: str, dtype: str, attention: str, fp8: bool = False,
+                 fast_numerics: bool = False) -> mmovseg.Config:
     """The variant's architecture in `dtype` with `attention` in every vision block and,
-    with `fp8`, their GEMMs in float8."""
+    with `fp8`, their GEMMs in float8; with `fast_numerics`, common.FAST_NUMERICS."""
     cfg = _toy() if variant == "toy" else mmovseg.VARIANTS[variant]
-    return storage.with_kernels(dataclasses.replace(cfg, dtype=dtype), attention, fp8)
+    fast = common.FAST_NUMERICS if fast_numerics else {}
+    return storage.with_kernels(dataclasses.replace(cfg, dtype=dtype), attention, fp8, **fast)
 
 
 def encoder_flops(cfg: mmovseg.Config) -> float:
@@ -131,11 +138,27 @@ def train_inputs(cfg: mmovseg.Config, batch: int, classes: int, mesh):
     return sharding.to_global(host, mesh), jax.device_put(random_tokens(cfg, classes), sharding.replicated(mesh))
 
 
-def make_infer(cfg: mmovseg.Config, abstract: bool, classes: int, encoders_only: bool = False):
+def freeze_fp8(model: mmovseg.Model, batch: int = 1, seed: int = 3) -> dict:
+    """Calibrates the float8 layers on one batch of random tiles and freezes them
+    (fp8_inference.prepare); calibration runs with XLA attention, which runs anywhere."""
+    s = model.config.image_size
+    rng = np.random.default_rng(seed)
+    tiles = [jnp.asarray(rng.standard_normal((batch, s, s, 3), np.float32)) for _ in range(2)]
+    with common.xla_attention(model):
+        return fp8_inference.prepare(model, lambda m, rgb, sar: m.encode_images(rgb, sar if m.config.use_sar else None),
+                                     [tuple(tiles)])
+
+
+def make_infer(cfg: mmovseg.Config, abstract: bool, classes: int, encoders_only: bool = False,
+               fp8_static: bool = False):
     """(jitted (state, rgb, sar, text) -> logits, state, text (T, P, E)); with `encoders_only`
-    the function stops at what the head reads from the encoders (`Model.encode_images`)."""
+    the function stops at what the head reads from the encoders (`Model.encode_images`).
+    `fp8_static` (cfg with fp8): float8 layers calibrated and frozen (`freeze_fp8`); the
+    model is then built with values even when `abstract`."""
     make = lambda: mmovseg.Model(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-    model = nnx.eval_shape(make) if abstract else common.random_init(make)
+    model = nnx.eval_shape(make) if abstract and not fp8_static else common.random_init(make)
+    if fp8_static:
+        freeze_fp8(model)
     graphdef, state = nnx.split(model)
 
     def logits(state, rgb, sar, text):
@@ -166,12 +189,13 @@ def lowered_flops(cfg_xla: mmovseg.Config, mode: str, batch: int, classes: int, 
 
 def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dtype: str, steps: int,
           warmup: int, peak: float | None, measured_peak: float | None = None, profile: bool = False,
-          fp8: bool = False, hlo_dir=None) -> dict:
-    """Compiles and times one mode; with `profile`, splits its device time by XLA op."""
-    cfg = model_config(variant, dtype, attention, fp8)
+          fp8: str = "off", hlo_dir=None, fast_numerics: bool = False) -> dict:
+    """Compiles and times one mode; with `profile`, splits its device time by XLA op.
+    fp8: "off" | "on" | "static" (FP8_MODES)."""
+    cfg = model_config(variant, dtype, attention, fp8 != "off", fast_numerics)
     s = cfg.image_size
     if mode in ("inference", "encoders"):
-        fn, state, text = make_infer(cfg, False, classes, mode == "encoders")
+        fn, state, text = make_infer(cfg, False, classes, mode == "encoders", fp8 == "static")
         rng = np.random.default_rng(2)
         rgb = jnp.asarray(rng.standard_normal((batch, s, s, 3), np.float32))
         sar = jnp.asarray(rng.standard_normal((batch, s, s, 3), np.float32)) if cfg.use_sar else None
@@ -181,6 +205,8 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         step, carry = (lambda _: compiled(state, rgb, sar, text)), None
         seconds, _ = common.time_loop(step, carry, steps, warmup)
         config = None
+    elif fp8 == "static":
+        raise ValueError("static float8 scales are for inference only")
     else:
         config = train_config(variant, batch, dtype)
         step, state, frozen, mesh = build_train(cfg, config, False)
@@ -190,14 +216,16 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         compile_s = time.perf_counter() - start
         step = lambda st: compiled(st, frozen, batch_in, tokens)[0]  # noqa: E731
         seconds, carry = common.time_loop(step, state, steps, warmup)
-    hlo = compiled.as_text() if fp8 or hlo_dir is not None else ""  # rendered once, read twice
-    common.write_hlo(hlo_dir, f"def_{variant}_{mode}_b{batch}_{attention}_fp8-{'on' if fp8 else 'off'}", hlo)
+    hlo = compiled.as_text() if fp8 != "off" or hlo_dir is not None else ""  # rendered once, read twice
+    common.write_hlo(hlo_dir, f"def_{variant}_{mode}_b{batch}_{attention}_fp8-{fp8}"
+                              f"_fast-{'on' if fast_numerics else 'off'}", hlo)
     flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes,
                           config if config is not None else train_config(variant, batch, dtype))
     tflops = flops / seconds / 1e12 if flops else None
     enc_tflops = encoder_flops(cfg) * batch / seconds / 1e12
-    row = {"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off",
-           "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if fp8 else None, "size": s, "batch": batch,
+    row = {"mode": mode, "attention": attention, "fp8": fp8,
+           "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if fp8 != "off" else None,
+           "fast numerics": "on" if fast_numerics else "off", "size": s, "batch": batch,
            "classes": classes,
            "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
@@ -205,7 +233,8 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
            "enc MFU vs measured": common.mfu_text(enc_tflops, measured_peak), "compile s": compile_s}
     if profile:
         row["profile"] = common.kernel_profile(step, carry)
-        print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}, fp8 {row['fp8']}"), flush=True)
+        print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}, fp8 "
+                                                  f"{row['fp8']}, fast numerics {row['fast numerics']}"), flush=True)
     return row
 
 
@@ -220,9 +249,11 @@ def main(argv=None) -> list[dict]:
                         "inference row, shows the head's share of the time)")
     p.add_argument("--attention", default="xla", help="comma list of xla, cudnn, auto")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--fp8", default="off", choices=("on", "off", "both"),
-                   help="float8 GEMMs in the vision encoders' blocks (changes results; off, the default), or a "
-                        "row of each; the f8 GEMMs column counts those XLA compiled")
+    p.add_argument("--fp8", default="off", choices=sorted(FP8_MODES),
+                   help="float8 GEMMs in the vision encoders' blocks (changes results; off, the default): on = "
+                        "current scaling, static = scales calibrated on one random batch and frozen (inference "
+                        "only), both = off and on, all = the three; the f8 GEMMs column counts those XLA compiled")
+    common.add_fast_numerics_arg(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op")
     p.add_argument("--measure-peak", action="store_true",
@@ -230,7 +261,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     common.add_output_args(p)
     common.add_hlo_arg(p)
+    common.add_cudnn_pad_arg(p)
     args = p.parse_args(argv)
+    pad_label = common.apply_cudnn_pad(args.cudnn_pad_multiple)
     batches = [int(b) for b in args.batch.split(",")] if args.batch else [VARIANTS[args.variant]["batch"]]
     classes = args.classes or VARIANTS[args.variant]["classes"]
     modes = [m.strip() for m in args.modes.split(",")]
@@ -246,19 +279,23 @@ def main(argv=None) -> list[dict]:
     if measured:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
     rows = []
-    fp8_choices = {"on": (True,), "off": (False,), "both": (False, True)}[args.fp8]
-    for mode, batch, attention, fp8 in itertools.product(modes, batches, [a.strip() for a in args.attention.split(",")],
-                                                         fp8_choices):
+    attentions = [a.strip() for a in args.attention.split(",")]
+    for mode, batch, attention, fp8, fast in itertools.product(modes, batches, attentions, FP8_MODES[args.fp8],
+                                                               common.ON_OFF[args.fast_numerics]):
         try:
             rows.append(bench(mode, args.variant, batch, classes, attention, args.dtype, args.steps,
-                              args.warmup, info["peak_tflops"], measured, args.profile, fp8, args.hlo_dir))
+                              args.warmup, info["peak_tflops"], measured, args.profile, fp8, args.hlo_dir, fast))
         except Exception as e:  # e.g. cuDNN refusing a shape, out of memory: say so and go on
-            rows.append({"mode": mode, "attention": attention, "fp8": "on" if fp8 else "off", "batch": batch,
+            rows.append({"mode": mode, "attention": attention, "fp8": fp8,
+                         "fast numerics": "on" if fast else "off", "batch": batch,
                          "classes": classes,
                          "size": model_config(args.variant, args.dtype, "xla").image_size,
                          "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
         print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
               flush=True)
+    for r in rows:  # a padding other than the default is named in the attention column
+        if r["attention"] in ("cudnn", "auto"):
+            r["attention"] += pad_label
     header = (f"DEF model ({args.variant}, {args.dtype}); device {info['count']} x {info['kind']} "
               f"({info['platform']}); {common.versions_line(info)}; bf16 peak {info['peak_tflops'] or 'unknown'} "
               f"TFLOP/s{f' (measured matmul {measured:.0f})' if measured else ''}; "

@@ -12,15 +12,26 @@
 # would start with under 30 s left is skipped and says so.
 #   cmu224           cmu_step at 224 px, batch 128, cuDNN attention, CLS shortcut off and on,
 #                    the PyTorch eager anchor beside (ratio lines), matmul ceiling measured
-#   cmu224_fp8       the same step with float8 block GEMMs (config.model.fp8; changes results),
-#                    with the count of float8 GEMMs XLA compiled ("f8 GEMMs": 0 means the
-#                    quantise/dequantise pattern was not matched and nothing ran in float8)
+#   cmu224_fast      the same step (shortcut on) with the options that change results:
+#                    --fast-numerics on (bf16 residual stream, tanh GELU), without and with
+#                    float8 block GEMMs (config.model.fp8; "f8 GEMMs" counts the float8 GEMMs
+#                    XLA compiled, 192 expected)
+#   cmu224_tfp8      the step with its frozen teacher in float8 with static scales
+#                    (config.model.teacher_fp8=static; the student in bf16), fast numerics off and on
+#   cmu224_pad2      the step with cuDNN tokens padded to a multiple of 2 (197 -> 198), not 64
+#                    (256): does cuDNN take it for training, and how much faster
+#   def_infer_nopad  DEF inference with no token padding for cuDNN (--cudnn-pad-multiple 1: JAX
+#                    checks no length for inference), with and without --fast-numerics
+#   cmu224_fp8       float8 GEMMs alone (not in the default list)
 #   cmu224_profile   the same step split by XLA op (command buffers off), top ops printed
-#   def_infer        def_step inference, batch 8 (DEF_BATCHES=8,32 adds 32), bf16 and fp8, encoder MFU
+#   def_infer        def_step inference, batch 8 (DEF_BATCHES=8,32 adds 32), encoder MFU: bf16, fp8
+#                    (current scaling) and fp8 static (calibrated, frozen), each with and without
+#                    --fast-numerics
 #   def_profile      DEF inference (release shapes, bf16) split by XLA op (command buffers off),
 #                    and the encoders alone (the difference is the head's time)
 #   cmu224_flags     cmu_step 224 under XLA_FLAGS=$FLAGS_VARIANT (default: Triton GEMMs off)
-#   attention_tests  tests/test_attention.py, test_fast_paths.py and test_fp8.py on the GPU
+#   attention_tests  tests/test_attention.py, test_fast_paths.py, test_fp8.py, test_fast_numerics.py and
+#                    test_fp8_inference.py on the GPU
 #   cmu224_remat     cmu_step 224 with the student's blocks rematerialised (speed and temp GiB)
 #   cmu224_xla       cmu_step 224 with XLA attention (not in the default list)
 #   cmu384           cmu_step at 384 px, batch 48, anchor beside
@@ -30,7 +41,7 @@
 # Everything goes to $OUT (the device tool returns at most 8 files): gpu_issue6.log (all
 # output), RESULTS_issue6.md (the tables, to append to benchmarks/RESULTS.md by hand after
 # review) and details.tar.gz: one JSON per stage and hlo/, the optimised HLO of each timed
-# row of cmu224, cmu224_fp8 and def_infer (fusions, GEMM custom calls), to read offline.
+# row of cmu224, cmu224_fast and def_infer (fusions, GEMM custom calls), to read offline.
 set -uo pipefail
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-530}
@@ -84,6 +95,17 @@ run_stage() {
   case $1 in
     cmu224) stage "cmu_step 224" 150 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --cls-shortcut both \
               --measure-peak --torch-anchor "$ANCHOR" --results "$RES" --json "$WORK/cmu_224.json" --hlo-dir "$WORK/hlo" ;;
+    cmu224_fast) stage "cmu_step 224 fast numerics, fp8 off and on" 120 python3 benchmarks/cmu_step.py $CMU224 \
+              --attention cudnn --fast-numerics on --fp8 both --torch off --results "$RES" \
+              --json "$WORK/cmu_224_fast.json" --hlo-dir "$WORK/hlo" ;;
+    cmu224_tfp8) stage "cmu_step 224 teacher in static float8" 110 python3 benchmarks/cmu_step.py $CMU224 \
+              --attention cudnn --teacher-fp8 static --fast-numerics both --torch off --results "$RES" \
+              --json "$WORK/cmu_224_tfp8.json" --hlo-dir "$WORK/hlo" ;;
+    cmu224_pad2) stage "cmu_step 224 cuDNN padding to 2" 70 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
+              --cudnn-pad-multiple 2 --torch off --results "$RES" --json "$WORK/cmu_224_pad2.json" ;;
+    def_infer_nopad) stage "def_step inference, no cuDNN padding" 90 python3 benchmarks/def_step.py $DEF --modes inference \
+              --attention cudnn --batch ${DEF_BATCHES%%,*} --cudnn-pad-multiple 1 --fast-numerics both --results "$RES" \
+              --json "$WORK/def_inference_nopad.json" ;;
     cmu224_fp8) stage "cmu_step 224 fp8" 90 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --fp8 on \
               --torch off --results "$RES" --json "$WORK/cmu_224_fp8.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_profile) stage "cmu_step 224 profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
@@ -93,9 +115,10 @@ run_stage() {
               python3 benchmarks/def_step.py $DEF --modes inference,encoders --attention cudnn --profile --steps 5 \
               --json "$WORK/def_profile.json" ;;
     attention_tests) stage "attention and fp8 tests (GPU)" 150 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
-              tests/test_attention.py tests/test_fast_paths.py tests/test_fp8.py ;;
-    def_infer) stage "def_step inference" 150 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
-              --batch $DEF_BATCHES --fp8 both --measure-peak --results "$RES" --json "$WORK/def_inference.json" --hlo-dir "$WORK/hlo" ;;
+              tests/test_attention.py tests/test_fast_paths.py tests/test_fp8.py tests/test_fast_numerics.py \
+              tests/test_fp8_inference.py ;;
+    def_infer) stage "def_step inference" 240 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
+              --batch $DEF_BATCHES --fp8 all --fast-numerics both --measure-peak --results "$RES" --json "$WORK/def_inference.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_flags) stage "cmu_step 224 with XLA_FLAGS=$FLAGS_VARIANT" 80 env XLA_FLAGS="$FLAGS_VARIANT" \
               python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --json "$WORK/cmu_224_flags.json" ;;
     cmu224_remat) stage "cmu_step 224 remat full" 80 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
@@ -111,8 +134,8 @@ run_stage() {
     *) echo "!! unknown stage $1" ;;
   esac
 }
-for name in ${STAGES:-cmu224 cmu224_fp8 cmu224_profile def_infer def_profile cmu224_flags attention_tests cmu224_remat \
-               cmu384 input def_train}; do
+for name in ${STAGES:-cmu224 cmu224_fast def_infer cmu224_tfp8 cmu224_pad2 def_infer_nopad cmu224_profile def_profile attention_tests cmu224_flags \
+               cmu224_remat cmu384 input def_train}; do
   run_stage "$name"
 done
 tar czf "$OUT/details.tar.gz" -C "$OUT" details && rm -rf "$WORK" && ls -l "$OUT"

@@ -57,7 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         family="v1", variant="", patch_size=8, width=128, depth=4, num_heads=4, image_size=64, dtype="float32",
         attention="xla",  # xla (exact) | cudnn (flash attention, padded + masked tokens) | auto (cudnn on GPU in bf16)
-        fp8=False))  # teacher and student block GEMMs in float8 (bf16 dtype; H100/H200; changes results, ops/fp8.py)
+        fp8=False,  # teacher and student block GEMMs in float8 (bf16 dtype; H100/H200; changes results, ops/fp8.py)
+        # off | static: the frozen teacher's block GEMMs in float8 with scales calibrated once
+        # on the held-out tiles (models/fp8_inference.py; bf16 dtype; changes results)
+        teacher_fp8="off",
+        residual_dtype="float32",  # float32 | bfloat16: the encoders' residual stream (changes results)
+        gelu="exact"))  # exact | tanh: the MLP's GELU (tanh folds into the fc1 GEMM on a GPU; changes results)
     c.blocks = (1, 3)
 
     c.loss = ml_collections.ConfigDict(dict(
@@ -69,9 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         chunk_size=0,          # >0: InfoNCE logits in chunks of this many keys per device
         projection_dim=0,      # >0: a linear head per block and side before the loss
     ))
-    # With embedding="cls", DINO (v1) encoders run their deepest block for the CLS query only
-    # (the other tokens of that block are never read): the same loss for about 7% fewer
-    # FLOPs at 224 px. False runs every token, as the PyTorch release does.
+    # With embedding="cls", DINO (v1) encoders run their deepest block's projections and MLP
+    # for its first two token rows only (the other tokens of that block are never read): the
+    # same loss for about 6% fewer FLOPs at 224 px. False runs every token, as the PyTorch
+    # release does.
     c.cls_shortcut = True
     # Activation memory of the student's blocks in the backward pass: none (keep all),
     # full (keep block inputs, recompute the rest: ~1 more forward of compute) or dots

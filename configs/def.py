@@ -78,6 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",
         attention="xla",          # vision encoders' attention: xla (exact) | cudnn | auto (cudnn on GPU in bf16)
         fp8=False,                # vision blocks' GEMMs in float8 (bf16 dtype; H100/H200; changes results)
+        residual_dtype="float32",  # float32 | bfloat16: the vision encoders' residual stream (changes results)
+        gelu="exact",             # exact | tanh: the DINO encoders' GELU (CLIP keeps quick_gelu; changes results)
         seed=0,
     ))
     c.clip_finetune = "qv"        # qv | full | frozen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+import def_step  # noqa: E402
 import hlo_traffic  # noqa: E402
 
 
-def _run(args: list[str], timeout: float = 300) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _run(args: list[str], timeout: float = 300, **extra_env: str) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -34,8 +36,10 @@ def test_cmu_step_tiny(tmp_path):
     out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
                 "--dtype", "float32", "--cls-shortcut", "both", "--profile", "--results", str(results),
                 "--json", str(rows_json)])
-    assert "| impl | attention | cls shortcut | fp8 | f8 GEMMs | size | batch | step ms | img/s | TFLOP/s | MFU |" in out
-    assert "| jax | xla | off | off | - | 32 | 4 |" in out and "| jax | xla | on | off | - | 32 | 4 |" in out
+    assert ("| impl | attention | cls shortcut | fp8 | teacher fp8 | f8 GEMMs | fast numerics | size | batch | step ms | "
+            "img/s | TFLOP/s | MFU |") in out
+    assert "| jax | xla | off | off | off | - | off | 32 | 4 |" in out
+    assert "| jax | xla | on | off | off | - | off | 32 | 4 |" in out
     assert "failed" not in out
     rows = json.loads(rows_json.read_text())["rows"]
     jax_rows = [r for r in rows if r["impl"] == "jax"]
@@ -55,26 +59,40 @@ def test_cmu_step_tiny(tmp_path):
     else:
         assert "ratio ours / torch eager at 32 px, batch 4" in out
     recorded = results.read_text()
-    assert "## cmu_step (tiny)" in recorded and "| jax | xla | on | off | - | 32 | 4 |" in recorded
+    assert "## cmu_step (tiny)" in recorded and "| jax | xla | on | off | off | - | off | 32 | 4 |" in recorded
 
 
 def test_cmu_step_tiny_fp8(tmp_path):
-    """--fp8 on: the step with float8 block GEMMs runs; the f8 GEMMs column counts the float8
-    GEMMs XLA compiled, none on a CPU (the rounding is emulated there); --hlo-dir keeps
-    the compiled HLO."""
+    """--fp8 on --fast-numerics on: the step with float8 block GEMMs, a bfloat16 residual
+    stream and the tanh GELU runs; the f8 GEMMs column counts the float8 GEMMs XLA
+    compiled, none on a CPU (the rounding is emulated there); --hlo-dir keeps the HLO."""
     out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
-                "--fp8", "on", "--torch", "off", "--json", str(tmp_path / "cmu.json"),
+                "--fp8", "on", "--fast-numerics", "on", "--torch", "off", "--json", str(tmp_path / "cmu.json"),
                 "--hlo-dir", str(tmp_path / "hlo")])
     (row,) = json.loads((tmp_path / "cmu.json").read_text())["rows"]
-    assert row["fp8"] == "on" and row["img/s"] > 0 and "failed" not in out
+    assert row["fp8"] == "on" and row["fast numerics"] == "on" and row["img/s"] > 0 and "failed" not in out
     # --hlo-dir: the optimised HLO of the timed step, with the float8 rounding in it
     (hlo,) = (tmp_path / "hlo").iterdir()
-    assert hlo.name == "cmu_32_b4_xla_shortcut-on_fp8-on_remat-none.hlo.txt"
+    assert hlo.name == "cmu_32_b4_xla_shortcut-on_fp8-on_tfp8-off_fast-on_remat-none.hlo.txt"
     text = hlo.read_text()
     assert text.startswith("HloModule") and "f8e4m3fn" in text and "f8e5m2" in text
     assert isinstance(row["f8 GEMMs"], int)
     if "(cpu)" in out:  # the header names the platform
         assert row["f8 GEMMs"] == 0
+
+
+def test_cmu_step_tiny_static_float8_teacher(tmp_path):
+    """--teacher-fp8 static: the teacher is calibrated on random tiles and frozen in float8,
+    the student trains in bf16, so the step holds e4m3 operands and no e5m2 gradients."""
+    out = _run(["benchmarks/cmu_step.py", "--variant", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+                "--teacher-fp8", "static", "--torch", "off", "--json", str(tmp_path / "cmu.json"),
+                "--hlo-dir", str(tmp_path / "hlo")])
+    (row,) = json.loads((tmp_path / "cmu.json").read_text())["rows"]
+    assert row["fp8"] == "off" and row["teacher fp8"] == "static" and row["img/s"] > 0 and "failed" not in out
+    assert isinstance(row["f8 GEMMs"], int)
+    (hlo,) = (tmp_path / "hlo").iterdir()
+    text = hlo.read_text()
+    assert "tfp8-static" in hlo.name and "f8e4m3fn" in text and "f8e5m2" not in text
 
 
 def test_float8_gemm_count_reads_optimised_hlo():
@@ -118,19 +136,32 @@ def test_float8_gemm_count_reads_optimised_hlo():
 def test_def_step_toy_inference(tmp_path):
     out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "inference,encoders", "--steps", "2",
                 "--warmup", "1", "--dtype", "float32", "--json", str(tmp_path / "def.json")])
-    assert "| mode | attention | fp8 | f8 GEMMs | size | batch | classes | step ms | tiles/s | TFLOP/s | MFU |" in out
-    assert "| inference | xla | off | - | 64 | 2 | 2 |" in out and "failed" not in out
+    assert ("| mode | attention | fp8 | f8 GEMMs | fast numerics | size | batch | classes | step ms | tiles/s | "
+            "TFLOP/s | MFU |") in out
+    assert "| inference | xla | off | - | off | 64 | 2 | 2 |" in out and "failed" not in out
     row, encoders = json.loads((tmp_path / "def.json").read_text())["rows"]
     assert row["tiles/s"] > 0 and row["GFLOP/tile"] > 0 and row["MFU"] == "n/a"
     # the encoders-only row is the same computation without the head: fewer FLOPs
     assert encoders["mode"] == "encoders" and 0 < encoders["GFLOP/tile"] < row["GFLOP/tile"]
 
 
+def test_def_step_toy_static_fp8(tmp_path):
+    """--fp8 all: inference rows off, on (current scaling) and static (calibrated and
+    frozen); static scales refuse the train step."""
+    out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "inference", "--fp8", "all",
+                "--steps", "1", "--warmup", "1", "--json", str(tmp_path / "def.json")])
+    rows = {r["fp8"]: r for r in json.loads((tmp_path / "def.json").read_text())["rows"]}
+    assert rows["static"]["tiles/s"] > 0 and rows["on"]["tiles/s"] > 0 and rows["off"]["f8 GEMMs"] is None
+    assert "| inference | xla | static |" in out and "failed" not in out
+    with pytest.raises(ValueError, match="static float8 scales are for inference only"):
+        def_step.bench("train", "toy", 2, 2, "xla", "bfloat16", 1, 1, None, fp8="static")
+
+
 @pytest.mark.slow
 def test_def_step_toy_train():
     out = _run(["benchmarks/def_step.py", "--variant", "toy", "--modes", "train", "--steps", "2", "--warmup", "1",
                 "--dtype", "float32"])
-    assert "| train | xla | off | - | 64 | 2 | 2 |" in out and "failed" not in out
+    assert "| train | xla | off | - | off | 64 | 2 | 2 |" in out and "failed" not in out
 
 
 def test_input_pipeline_toy(tmp_path):
@@ -177,7 +208,10 @@ def _cuda_plugin_present() -> bool:
                     "see benchmarks/compile_for_gpu.py), not part of requirements.txt")
 def test_compile_for_gpu_finds_the_float8_gemms(tmp_path):
     """Deviceless compile of the CMU step for an H200: cuDNN attention calls in it, no
-    float8 GEMM in the bf16 step, float8 GEMMs for every block matmul with fp8 on."""
+    float8 GEMM in the bf16 step, float8 GEMMs for every block matmul with fp8 on; and no
+    batch-minor residual stream (with a (B, 1, D) CLS shortcut slice XLA transposed the
+    residual around every GEMM: 11 GB of transpose fusions per step; see
+    dino.CLS_SHORTCUT_ROWS)."""
     out = _run(["benchmarks/compile_for_gpu.py", "--steps", "cmu224,cmu224_fp8", "--out", str(tmp_path)],
                timeout=900)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
@@ -187,3 +221,23 @@ def test_compile_for_gpu_finds_the_float8_gemms(tmp_path):
     assert bf16["float8 GEMMs"] == "0" and int(fp8["float8 GEMMs"]) >= 190
     assert int(bf16["attention calls"]) > 0
     assert (tmp_path / "cmu224_fp8.hlo.txt").read_text().count("f8e4m3fn") > 0
+    transposes = sum(gb for family, _, gb in hlo_traffic.families((tmp_path / "cmu224.hlo.txt").read_text(), 100)
+                     if "transpose" in family)
+    assert transposes < 1.0, f"{transposes:.1f} GB of transpose fusions in the CMU step"
+
+
+@pytest.mark.skipif(not _cuda_plugin_present(), reason="needs jaxlib's CUDA plugin and NVIDIA wheels (about 5 GB; "
+                    "see benchmarks/compile_for_gpu.py), not part of requirements.txt")
+def test_compile_for_gpu_float8_inference_forms(tmp_path):
+    """Deviceless compile of DEF inference (B, 384 px, batch 8) for an H200 in the cuBLAS
+    form, float8 with current and with static scales. Both compile: with fc1's output as
+    rows, current scaling made XLA fold an amax into a GEMM that also read the scale made
+    from it ("A cycle is detected"). With static scales, the rows padded once in the MLP
+    and kept as rows, fc1's float8 GEMM applies bias and GELU and writes fc2's float8
+    operand itself (one cuBLASLt call per MLP input, no separate quantising pass)."""
+    _run(["benchmarks/compile_for_gpu.py", "--steps", "def_infer_fast_fp8,def_infer_fast_fp8static", "--out",
+          str(tmp_path)], timeout=1500, XLA_FLAGS="--xla_gpu_enable_triton_gemm=false")
+    static = (tmp_path / "def_infer_fast_fp8static.hlo.txt").read_text()
+    assert hlo_traffic.float8_gemms(static) == 144
+    fc1 = re.findall(r"= \(f8e4m3fn\[[0-9,]+\][^)]*\) custom-call\([^\n]*__cublas\$lt\$matmul\$f8[^\n]*BIAS_GELU", static)
+    assert len(fc1) >= 24, f"{len(fc1)} float8 fc1 GEMMs with a GELU epilogue and float8 output"

@@ -41,6 +41,23 @@ def _run(workdir, *extra, devices: int = 1, small: bool = True) -> subprocess.Co
     return result
 
 
+def _run_two_processes(workdir, *extra) -> list[str]:
+    """Runs main in 2 processes x 4 CPU devices joined by jax.distributed on loopback;
+    returns each process's output (stdout and stderr)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_command(workdir, *extra, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                       f"--process_id={i}"),
+                              cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
 def _metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()
             if "loss" in line]
@@ -155,19 +172,10 @@ def test_two_processes_equal_one_process_and_their_checkpoint_restores_on_other_
     their step-3 checkpoint (parameters, optimiser state, input position) restores in
     1 process x 8 devices and in 1 x 4 and continues as the uninterrupted 1 x 8 run."""
     import shutil
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # a constant learning rate without warmup: the same schedule for 3 and 6 steps
     constant = ("--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0")
-    procs = [subprocess.Popen(_command(tmp_path / "multi", "--config.total_steps=3", *constant,
-                                       f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-                              cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    _run_two_processes(tmp_path / "multi", "--config.total_steps=3", *constant)
     _run(tmp_path / "single", "--config.total_steps=6", *constant, devices=8)
     multi = [m["loss"] for m in _metrics(tmp_path / "multi")]
     single = [m["loss"] for m in _metrics(tmp_path / "single")]

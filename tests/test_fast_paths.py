@@ -4,8 +4,8 @@
   with the same kernel.
 - Attention's query/key/value (and key/value) projections as one GEMM over concatenated
   kernels equal the separate layers.
-- DINO's `cls_only` (deepest block for the CLS query only) gives the CLS token of the full
-  forward pass, values and parameter gradients.
+- DINO's `cls_only` (deepest block's output projection and MLP for the leading token rows
+  only) gives the CLS token of the full forward pass, values and parameter gradients.
 - The CMU train step with `config.cls_shortcut` on equals it off (loss, updated weights).
 - Rematerialised blocks (`remat` full / dots) give the same values and gradients, and cut
   the CMU step's compiled activation memory.
@@ -76,7 +76,7 @@ def test_cls_only_equals_the_full_forward(blocks, norm):
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full_grads))
     for g_fast, g_full in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(np.asarray(g_fast), np.asarray(g_full), atol=2e-6 * scale, rtol=0)
-    # the gradient reaches the deepest block's query (the CLS query path is live)
+    # the gradient reaches the deepest block's query (the CLS row's attention is live)
     deepest = max(layers.normalize_block_indices(blocks, 3))
     assert float(jnp.abs(fast_grads["blocks"][deepest]["attn"]["query"]["kernel"][...]).max()) > 0
 
@@ -136,7 +136,11 @@ def test_remat_keeps_values_and_gradients(family):
         value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, policy)
         np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-5)
+            # float32 sums in another order (jitted and rematerialised against eager): within
+            # 1e-6 of each gradient's own scale (the DINOv3 ones reach ~100; a 1e-5 absolute
+            # bound failed by 4e-6 on a dev machine whose CPU orders them differently)
+            r = np.asarray(r)
+            np.testing.assert_allclose(np.asarray(g), r, atol=1e-6 * max(1.0, float(np.abs(r).max())), rtol=1e-5)
     with pytest.raises(ValueError, match="remat policy"):
         model(x, (0,), remat="some")
 

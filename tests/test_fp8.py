@@ -173,33 +173,37 @@ def test_fp8_needs_bfloat16():
         dinov3.Config(patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64, fp8=True)
 
 
+def tiny_cmu_run(steps: int = 3, **model) -> tuple[np.ndarray, float, cmu.Aligner]:
+    """A tiny bf16 CMU run (CLS embeddings, shortcut on, one device) with config.model
+    fields `model` set: (losses per step, largest parameter change, the aligner built)."""
+    c = cmu_configs.get_config()
+    c.model.update(width=32, depth=2, num_heads=2, image_size=32, dtype="bfloat16", **model)
+    c.loss.embedding = "cls"
+    c.blocks = (0, 1)
+    c.global_batch_size = 8
+    mesh = sharding.make_mesh(1, 1)
+    teacher = cmu.build_teacher(c)
+    aligner = cmu.Aligner(teacher.config, len(c.blocks), rngs=nnx.Rngs(1))
+    s = cmu.place(aligner, teacher, c, mesh)
+    step = cmu.make_train_step(s.aligner_def, s.teacher_def, s.tx, s.lr, c, mesh, s.state_shardings)
+    first = jax.tree.map(np.asarray, s.state["params"])
+    rng = np.random.default_rng(0)
+    state, losses = s.state, []
+    for _ in range(steps):
+        batch = {"rgb": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+                 "sar": rng.integers(0, 256, (8, 32, 32), dtype=np.uint8)}
+        state, metrics = step(state, s.teacher_params, sharding.to_global(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    moved = max(float(np.abs(np.asarray(a) - b).max())
+                for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(first)))
+    return np.array(losses), moved, aligner
+
+
 def test_cmu_step_trains_with_fp8():
     """The CMU step (CLS shortcut on) with float8 teacher and student GEMMs: finite losses
     that track the bf16 step's, and the student moves."""
-    def run(use_fp8: bool):
-        c = cmu_configs.get_config()
-        c.model.update(width=32, depth=2, num_heads=2, image_size=32, dtype="bfloat16", fp8=use_fp8)
-        c.loss.embedding = "cls"
-        c.blocks = (0, 1)
-        c.global_batch_size = 8
-        mesh = sharding.make_mesh(1, 1)
-        teacher = cmu.build_teacher(c)
-        s = cmu.place(cmu.Aligner(teacher.config, len(c.blocks), rngs=nnx.Rngs(1)), teacher, c, mesh)
-        step = cmu.make_train_step(s.aligner_def, s.teacher_def, s.tx, s.lr, c, mesh, s.state_shardings)
-        first = jax.tree.map(np.asarray, s.state["params"])
-        rng = np.random.default_rng(0)
-        state, losses = s.state, []
-        for _ in range(3):
-            batch = {"rgb": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-                     "sar": rng.integers(0, 256, (8, 32, 32), dtype=np.uint8)}
-            state, metrics = step(state, s.teacher_params, sharding.to_global(batch, mesh))
-            losses.append(float(metrics["loss"]))
-        moved = max(float(np.abs(np.asarray(a) - b).max())
-                    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(first)))
-        return np.array(losses), moved
-
-    bf16_losses, _ = run(False)
-    fp8_losses, moved = run(True)
+    bf16_losses, _, _ = tiny_cmu_run(fp8=False)
+    fp8_losses, moved, _ = tiny_cmu_run(fp8=True)
     assert np.all(np.isfinite(fp8_losses)) and moved > 0
     print("losses bf16", bf16_losses, "fp8", fp8_losses)
     np.testing.assert_allclose(fp8_losses, bf16_losses, rtol=0.08)

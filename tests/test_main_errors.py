@@ -40,6 +40,22 @@ def test_main_bad_variant_value_and_file(tmp_path):
     assert "configs/nothere.py: no such file" in line and "configs/def.py" in line
 
 
+def test_main_bad_speed_choice_names_the_field(tmp_path):
+    line = _one_error_line(_main("--config", "configs/cmu.py", f"--workdir={tmp_path}", "--config.model.gelu=fast"))
+    assert line == "error: config.model.gelu: 'fast' is not one of exact, tanh"
+    line = _one_error_line(_main("--config", "configs/def.py", f"--workdir={tmp_path}",
+                                 "--config.model.residual_dtype=float16"))
+    assert line == "error: config.model.residual_dtype: 'float16' is not one of float32, bfloat16"
+    line = _one_error_line(_main("--config", "configs/cmu.py", f"--workdir={tmp_path}",
+                                 "--config.model.teacher_fp8=dynamic"))
+    assert line == "error: config.model.teacher_fp8: 'dynamic' is not one of off, static"
+    line = _one_error_line(_main("--config", "configs/cmu.py", f"--workdir={tmp_path}",
+                                 "--config.model.teacher_fp8=static"))
+    assert line == ("error: config.model.teacher_fp8 = 'static' needs config.model.dtype = 'bfloat16', got "
+                    "'float32'")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_main_batch_not_divisible(tmp_path):
     line = _one_error_line(_main("--config", "configs/cmu.py", f"--workdir={tmp_path}",
                                  "--config.global_batch_size=6", devices=4))

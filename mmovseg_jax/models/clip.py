@@ -34,6 +34,8 @@ class VisionConfig:
     attention: str = "xla"
     # The vision blocks' weight matrix multiplies in float8 (see dino.Config.fp8).
     fp8: bool = False
+    # The vision residual stream's dtype (see dino.Config.residual_dtype; changes results).
+    residual_dtype: str = "float32"
 
     @property
     def grid(self) -> int:
@@ -106,6 +108,7 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
+        layers.residual_dtype(cfg.residual_dtype)  # validates the name
         scale = cfg.width ** -0.5
         self.patch_embed = layers.PatchEmbed(cfg.patch_size, cfg.width, bias=False, dtype=dtype, rngs=rngs)
         self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.width,)))
@@ -123,13 +126,13 @@ class VisionTower(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x.astype(jnp.float32)], axis=1)
         x = x + layers.resize_position_table(self.pos_embed[...], grid, "size")[None]
-        x = self.pre_norm(x)
+        x = self.pre_norm(x).astype(layers.residual_dtype(self.cfg.residual_dtype))
         outputs = []
         last = self.cfg.depth - 1
         for i, block in enumerate(self.blocks):
             x = block.dense_call(x) if (dense and i == last) else block(x)
             if i in wanted:
-                outputs.append((i, x))
+                outputs.append((i, x.astype(jnp.float32)))
         blocks = tuple(dict(outputs)[i] for i in wanted)
         if dense:
             return VisionOutput(None, blocks, self.projection(self.post_norm(x)).astype(jnp.float32))

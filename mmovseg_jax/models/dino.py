@@ -40,6 +40,11 @@ class Config:
     # The blocks' weight matrix multiplies in float8 (bf16 dtype only; H100/H200 float8
     # tensor cores; changes results, see ops/fp8.py). Off unless asked for.
     fp8: bool = False
+    # Speed options that change results (off unless asked for; not stored with a model):
+    # the residual stream's dtype ("float32" | "bfloat16", layers.RESIDUAL_DTYPES) and the
+    # GELU ("exact" | "tanh", layers.GELUS).
+    residual_dtype: str = "float32"
+    gelu: str = "exact"
 
     @property
     def grid(self) -> int:
@@ -58,6 +63,16 @@ VARIANTS: dict[str, Config] = {
 }
 
 
+# With `cls_only`, the token rows kept after the CLS shortcut's slice: the CLS token and
+# the first patch token, which is computed and dropped. Two, not one: with a (B, 1, D)
+# slice, XLA's GPU layout assignment laid the whole residual stream out batch-minor and
+# transposed it around every GEMM (a deviceless compile of the CMU step for an H200:
+# 12 GB of transposes per step, gone with two rows). The deepest block's attention still
+# runs for every query on the configured kernel (a separate few-query XLA attention gave
+# its gradients a token-minor layout too); its output projection and MLP for two rows.
+CLS_SHORTCUT_ROWS = 2
+
+
 class Model(nnx.Module):
     """DINO ViT encoder. Call with images (B, H, W, 3), already normalised."""
 
@@ -71,21 +86,23 @@ class Model(nnx.Module):
         init = nnx.initializers.truncated_normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (config.width,)))
         self.pos_embed = nnx.Param(init(rngs.params(), (config.grid ** 2 + 1, config.width)))
+        layers.residual_dtype(config.residual_dtype)  # validates the name
         self.blocks = nnx.List([
             layers.Block(config.width, config.num_heads, config.mlp_dim, eps=config.layer_norm_eps,
-                         activation="gelu", qkv_bias=config.qkv_bias, dtype=dtype,
+                         activation=layers.gelu_activation(config.gelu), qkv_bias=config.qkv_bias, dtype=dtype,
                          attention=config.attention, fp8=config.fp8, rngs=rngs)
             for _ in range(config.depth)])
         self.norm = layers.LayerNorm(config.width, config.layer_norm_eps, rngs=rngs)
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """Patch tokens with CLS prepended and position embeddings added: (B, 1 + N, D) float32."""
+        """Patch tokens with CLS prepended and position embeddings added: (B, 1 + N, D) in
+        the residual stream's dtype (float32 unless config.residual_dtype says otherwise)."""
         dtype = layers.compute_dtype(self.config.dtype)
         x, grid = self.patch_embed(images.astype(dtype))
         cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x.astype(jnp.float32)], axis=1)
         pos = layers.resize_position_table(self.pos_embed[...], grid, self.config.pos_interpolation)
-        return x + pos[None]
+        return (x + pos[None]).astype(layers.residual_dtype(self.config.residual_dtype))
 
     def __call__(self, images: jax.Array, block_indices: Sequence[int] = (-1,),
                  norm: bool = True, cls_only: bool = False, remat: str = "none") -> tuple[jax.Array, ...]:
@@ -94,10 +111,11 @@ class Model(nnx.Module):
         images: (B, H, W, 3) normalised pixels, H and W divisible by the patch size.
         Returns one (B, 1 + H/p * W/p, D) float32 array per index, CLS token first,
         passed through the final LayerNorm when `norm` is set. With `cls_only` each is
-        the CLS token alone, (B, 1, D), the same values: the deepest requested block
-        then runs for the CLS query only, since no other token of it is read. `remat`
-        ("none" | "full" | "dots", see layers.rematted) trades the blocks' stored
-        activations for recomputation when differentiating.
+        the CLS token alone, (B, 1, D), the same values: the deepest requested block's
+        output projection and MLP then run for its first CLS_SHORTCUT_ROWS tokens only,
+        since no other token of it is read. `remat` ("none" | "full" | "dots", see
+        layers.rematted) trades the blocks' stored activations for recomputation when
+        differentiating.
         """
         wanted = layers.normalize_block_indices(block_indices, self.config.depth)
         run = layers.rematted(lambda blk, h: blk(h), remat)
@@ -107,10 +125,11 @@ class Model(nnx.Module):
             if i > max(wanted):
                 break
             last = i == max(wanted)
-            x = block.cls_call(x) if cls_only and last else run(block, x)
+            x = block.leading_call(x, CLS_SHORTCUT_ROWS) if cls_only and last else run(block, x)
             if i in wanted:
-                y = x[:, :1] if cls_only else x
-                outputs[i] = self.norm(y) if norm else y
+                y = x[:, :CLS_SHORTCUT_ROWS] if cls_only else x
+                y = self.norm(y) if norm else y.astype(jnp.float32)
+                outputs[i] = y[:, :1] if cls_only else y
         return tuple(outputs[i] for i in wanted)
 
 

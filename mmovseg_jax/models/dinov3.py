@@ -69,6 +69,9 @@ class Config:
     attention: str = "xla"
     # The blocks' weight matrix multiplies in float8 (see dino.Config.fp8).
     fp8: bool = False
+    # The residual stream's dtype and the MLP's GELU (see dino.Config; change results).
+    residual_dtype: str = "float32"
+    gelu: str = "exact"
 
     def __post_init__(self):
         if self.mlp not in MLP_KINDS:
@@ -85,6 +88,8 @@ class Config:
                              f"got {self.rope_normalize_coords!r}")
         layers.resolve_attention(self.attention)
         layers.check_fp8(self.fp8, layers.compute_dtype(self.dtype))
+        layers.residual_dtype(self.residual_dtype)
+        layers.gelu_activation(self.gelu)
 
     @property
     def head_dim(self) -> int:
@@ -195,14 +200,15 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """fc1 -> exact GELU -> fc2."""
+    """fc1 -> GELU (exact, or its tanh approximation with config.gelu="tanh") -> fc2."""
 
     def __init__(self, config: Config, *, dtype, rngs: nnx.Rngs):
         self.fc1 = _linear(config.width, config.mlp_dim, config.mlp_bias, dtype, rngs, config.fp8)
         self.fc2 = _linear(config.mlp_dim, config.width, config.mlp_bias, dtype, rngs, config.fp8)
+        self.activation = layers.gelu_activation(config.gelu)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(layers.ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class SwiGLU(nnx.Module):
@@ -228,7 +234,8 @@ class LayerScale(nnx.Module):
 
 
 class Block(nnx.Module):
-    """x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x))); the residual stream in float32."""
+    """x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x))); the residual stream in x's dtype
+    (float32 unless config.residual_dtype), the layer scales applied in float32."""
 
     def __init__(self, config: Config, *, dtype, rngs: nnx.Rngs):
         eps = config.layer_norm_eps
@@ -242,9 +249,9 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         y = self.attn(self.norm1(x), sin, cos).astype(jnp.float32)
-        x = x + (self.ls1(y) if self.ls1 is not None else y)
+        x = x + (self.ls1(y) if self.ls1 is not None else y).astype(x.dtype)
         y = self.mlp(self.norm2(x)).astype(jnp.float32)
-        return x + (self.ls2(y) if self.ls2 is not None else y)
+        return x + (self.ls2(y) if self.ls2 is not None else y).astype(x.dtype)
 
 
 class Model(nnx.Module):
@@ -271,14 +278,16 @@ class Model(nnx.Module):
         self.norm = layers.LayerNorm(d, config.layer_norm_eps, rngs=rngs)
 
     def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
-        """CLS, registers, then patch tokens: (B, 1 + R + N, D) float32, and the patch grid (gh, gw)."""
+        """CLS, registers, then patch tokens: (B, 1 + R + N, D) in the residual stream's dtype
+        (float32 unless config.residual_dtype), and the patch grid (gh, gw)."""
         x, grid = self.patch_embed(images.astype(layers.compute_dtype(self.config.dtype)))
         b, _, d = x.shape
         prefix = [self.cls_token[...][None]]
         if self.register_tokens is not None:
             prefix.append(self.register_tokens[...])
         prefix = jnp.broadcast_to(jnp.concatenate(prefix, axis=0)[None], (b, self.config.num_prefix_tokens, d))
-        return jnp.concatenate([prefix, x.astype(jnp.float32)], axis=1), grid
+        tokens = jnp.concatenate([prefix, x.astype(jnp.float32)], axis=1)
+        return tokens.astype(layers.residual_dtype(self.config.residual_dtype)), grid
 
     def __call__(self, images: jax.Array, block_indices: Sequence[int] = (-1,),
                  norm: bool = True, remat: str = "none") -> tuple[jax.Array, ...]:
@@ -299,7 +308,7 @@ class Model(nnx.Module):
                 break
             x = run(block, x, sin, cos)
             if i in wanted:
-                outputs[i] = self.norm(x) if norm else x
+                outputs[i] = self.norm(x) if norm else x.astype(jnp.float32)
         return tuple(outputs[i] for i in wanted)
 
     def patch_tokens(self, images: jax.Array, block_indices: Sequence[int]) -> tuple[jax.Array, ...]:

@@ -2,7 +2,8 @@
 
 Conventions: images are NHWC, token sequences are (batch, tokens, width). Parameters
 are always float32; `dtype` is the compute dtype of the matrix multiplies. LayerNorms
-and the residual stream stay in float32 so that bf16 compute loses little accuracy.
+compute in float32, and the residual stream is float32 unless an encoder's
+`residual_dtype` asks for bfloat16 (a speed option that changes results).
 """
 
 from __future__ import annotations
@@ -34,8 +35,31 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch nn.GELU()
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # torch nn.GELU(approximate="tanh")
     "quick_gelu": quick_gelu,
 }
+
+# The GELU of the DINO encoders: "exact" (erf, what the checkpoints were trained with) or
+# "tanh" (its tanh approximation, within about 1e-3 of it; cuBLASLt can apply it in the
+# fc1 GEMM's epilogue, saving a pass over the MLP's hidden activations on a GPU).
+GELUS = {"exact": "gelu", "tanh": "gelu_tanh"}
+# The encoders' residual stream: "float32" (default) or "bfloat16" (half the bytes of
+# every residual read and write; changes results).
+RESIDUAL_DTYPES = ("float32", "bfloat16")
+
+
+def gelu_activation(gelu: str) -> str:
+    """The ACTIVATIONS key of a DINO config's `gelu` ("exact" | "tanh")."""
+    if gelu not in GELUS:
+        raise ValueError(f"gelu must be one of {sorted(GELUS)}, got {gelu!r}")
+    return GELUS[gelu]
+
+
+def residual_dtype(name: str) -> jnp.dtype:
+    """The dtype of an encoder config's `residual_dtype` ("float32" | "bfloat16")."""
+    if name not in RESIDUAL_DTYPES:
+        raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {name!r}")
+    return DTYPES[name]
 
 
 def as_rows(x: jax.Array) -> jax.Array:
@@ -59,24 +83,68 @@ class LayerNorm(nnx.LayerNorm):
         return super().__call__(as_rows(x).astype(jnp.float32)).reshape(x.shape)
 
 
+class Fp8Frozen(nnx.Variable):
+    """Inference-only float8 state (models/fp8_inference.py): a Dense's calibrated input
+    amax, float8 kernel and scale, or an attention's fused float8 q/k/v kernel and scale.
+    Not a parameter: optimisers and saved model folders leave it out."""
+
+
 class Dense(nnx.Linear):
     """nnx.Linear with float32 parameters whose matrix multiply can run in float8.
 
     fp8=False: exactly nnx.Linear in `dtype`. fp8=True: x @ kernel through
     `ops.fp8.matmul` (e4m3 operands, e5m2 gradients, per-tensor current scaling; float8
     tensor cores on H100/H200), the bias added in `dtype`. Same parameters either way.
+    Once `fp8_inference.freeze` has given it a calibrated input amax and a float8 kernel
+    (`frozen_kernel`, (d_out, d_in) e4m3), it runs `ops.fp8.frozen_matmul` instead:
+    static scales, inference only.
     """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = True, dtype=jnp.float32, fp8: bool = False,
                  rngs: nnx.Rngs):
         super().__init__(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.fp8 = fp8
+        self.calibrating = False  # while True, calls record max |input| (nnx.Intermediate "calibration_amax")
+        # Set by fp8_inference (data attributes, so they can turn from None into variables).
+        self.input_amax: Fp8Frozen | None = nnx.data(None)
+        self.frozen_kernel: Fp8Frozen | None = nnx.data(None)
+        self.frozen_kernel_scale: Fp8Frozen | None = nnx.data(None)
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_kernel is not None
+
+    def record_input(self, rows: jax.Array) -> None:
+        """While calibrating, keeps the running max |input| (in the compute dtype) of this call."""
+        if self.calibrating:
+            amax = jnp.max(jnp.abs(rows.astype(self.dtype))).astype(jnp.float32)
+            self.sow(nnx.Intermediate, "calibration_amax", amax, reduce_fn=jnp.maximum, init_fn=lambda: jnp.float32(0))
+
+    def float8_product(self, rows: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """rows (M, d_in) @ kernel in float8 -> (M, N) in `dtype`, no bias: static scales
+        once frozen, else current scaling of `kernel` (default: this layer's own). While
+        calibrating, the product runs in `dtype` instead: the ranges recorded are the
+        model's own, which do not depend on how inputs are batched (a current float8
+        scale is the whole batch's)."""
+        if self.frozen and kernel is None:
+            return self.static_product(rows, self.frozen_kernel[...], self.frozen_kernel_scale[...])
+        kernel = self.kernel[...] if kernel is None else kernel
+        if self.calibrating:
+            self.record_input(rows)
+            return rows.astype(self.dtype) @ kernel.astype(self.dtype)
+        return fp8_ops.matmul(rows, kernel, self.dtype)
+
+    def static_product(self, rows: jax.Array, kernel_t: jax.Array, kernel_scale: jax.Array) -> jax.Array:
+        """rows (M, d_in) @ a frozen float8 kernel (N, d_in) with its scale, the input scaled
+        by this layer's calibrated amax -> (M, N) in `dtype`, no bias."""
+        return fp8_ops.frozen_matmul(rows, kernel_t, fp8_ops.scale_from_amax(self.input_amax[...]), kernel_scale,
+                                     self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., d_in) -> (..., d_out)."""
         if not self.fp8:
             return super().__call__(as_rows(x)).reshape(*x.shape[:-1], -1)
-        y = fp8_ops.matmul(as_rows(x), self.kernel[...], self.dtype)
+        y = self.float8_product(as_rows(x))
         y = y if self.bias is None else y + self.bias[...].astype(y.dtype)
         return y.reshape(*x.shape[:-1], -1)
 
@@ -93,7 +161,13 @@ def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True, fp8
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 # cuDNN's fused (flash) attention refuses ViT token counts such as 197 or 577 for training;
-# tokens are padded up to a multiple of this and the padding keys masked out.
+# tokens are padded up to a multiple of this and the padding keys masked out. 64 is what
+# ran on an H200. The refusal is JAX's check that a biased attention has an even length
+# (jax 0.10's `check_is_flash_attention` counts its placeholder for "no bias" as a bias),
+# so 2 may be enough: 197 -> 198 tokens instead of 256, 40% less attention work at 224 px.
+# For inference JAX checks no length at all: 1 (no padding) may do there. `padded_attention`
+# reads it at call time; the benchmarks' `--cudnn-pad-multiple` sets it to try other values
+# on a card.
 CUDNN_PAD_MULTIPLE = 64
 _HALF = (jnp.bfloat16, jnp.float16)
 
@@ -113,8 +187,9 @@ def resolve_attention(implementation: str, dtype=jnp.float32) -> str:
 
 
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                     implementation: str = "cudnn", multiple: int = CUDNN_PAD_MULTIPLE) -> jax.Array:
-    """Self-attention over tokens zero-padded to a multiple of `multiple`, padding keys masked.
+                     implementation: str = "cudnn", multiple: int | None = None) -> jax.Array:
+    """Self-attention over tokens zero-padded to a multiple of `multiple` (default
+    CUDNN_PAD_MULTIPLE), padding keys masked.
 
     q, k, v: (B, T, heads, head_dim) -> (B, T, heads, head_dim) in q's dtype. The keys
     beyond T are excluded through `key_value_seq_lengths`; the padded query rows are
@@ -124,13 +199,16 @@ def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     runs the same padded, masked formulation with XLA (used to test it on any device).
     """
     b, t = q.shape[:2]
+    multiple = CUDNN_PAD_MULTIPLE if multiple is None else multiple
     padded = -(-t // multiple) * multiple
     out_dtype = q.dtype
     if implementation == "cudnn" and q.dtype not in _HALF:
         q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    if padded != t:
-        widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    if padded == t:  # nothing to pad or mask
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+        return y.astype(out_dtype)
+    widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     lengths = jnp.full((b,), t, jnp.int32)
     y = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
                                      implementation=implementation)
@@ -172,6 +250,10 @@ class Attention(nnx.Module):
         self.key = _linear(width, width, dtype, rngs, qkv_bias, fp8)
         self.value = _linear(width, width, dtype, rngs, qkv_bias, fp8)
         self.out = _linear(width, width, dtype, rngs, fp8=fp8)
+        # The q/k/v kernels as one float8 (3 width, width) matrix with one scale, as their
+        # fused GEMM reads them (fp8_inference.freeze; each Dense keeps its own for solo use).
+        self.frozen_qkv: Fp8Frozen | None = nnx.data(None)
+        self.frozen_qkv_scale: Fp8Frozen | None = nnx.data(None)
 
     def _heads(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
@@ -184,15 +266,21 @@ class Attention(nnx.Module):
         layers_ = [getattr(self, n) for n in names]
         if len(layers_) == 1:
             return [layers_[0](x)]
-        dtype = layers_[0].dtype
-        kernel = jnp.concatenate([l.kernel[...] for l in layers_], axis=1)
-        if layers_[0].fp8:
-            y = fp8_ops.matmul(as_rows(x), kernel, dtype).reshape(*x.shape[:-1], -1)
+        first, rows = layers_[0], as_rows(x)
+        if first.fp8 and self.frozen_qkv is not None and names == ("query", "key", "value"):
+            y = first.static_product(rows, self.frozen_qkv[...], self.frozen_qkv_scale[...])
         else:
-            y = (as_rows(x).astype(dtype) @ kernel.astype(dtype)).reshape(*x.shape[:-1], -1)
+            kernel = jnp.concatenate([l.kernel[...] for l in layers_], axis=1)
+            if first.fp8:
+                for other in layers_[1:]:
+                    other.record_input(rows)
+                y = first.float8_product(rows, kernel=kernel)
+            else:
+                y = rows.astype(first.dtype) @ kernel.astype(first.dtype)
+        y = y.reshape(*x.shape[:-1], -1)
         if any(l.bias is not None for l in layers_):
             y = y + jnp.concatenate([l.bias[...] if l.bias is not None else jnp.zeros((l.out_features,))
-                                     for l in layers_]).astype(dtype)
+                                     for l in layers_]).astype(first.dtype)
         return jnp.split(y, len(layers_), axis=-1)
 
     def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
@@ -201,15 +289,17 @@ class Attention(nnx.Module):
         y = attention(q, k, v, causal=causal, implementation=self.implementation)
         return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
-    def cls_query(self, x: jax.Array) -> jax.Array:
-        """Attention output for the first token's query only: x (B, T, D) -> (B, 1, D).
+    def leading_rows(self, x: jax.Array, n: int) -> jax.Array:
+        """Attention output at the first n tokens only: x (B, T, D) -> (B, n, D), equal to
+        `self(x)[:, :n]`. Attention runs for every query on the configured kernel; the
+        output projection for the n rows alone."""
+        q, k, v = map(self._heads, self._projections(x, ("query", "key", "value")))
+        y = attention(q, k, v, implementation=self.implementation)[:, :n]
+        return self.out(y.reshape(x.shape[0], n, -1))
 
-        Equals `self(x)[:, :1]` at about a sixth of the cost (keys and values of every
-        token, one query). The single query row runs on XLA's attention."""
-        k, v = map(self._heads, self._projections(x, ("key", "value")))
-        q = self._heads(self.query(x[:, :1]))
-        y = jax.nn.dot_product_attention(q, k, v)
-        return self.out(y.reshape(x.shape[0], 1, -1))
+
+# cuBLASLt's float8 GEMMs take row counts divisible by 16 (XLA pads other counts).
+FP8_ROWS = 16
 
 
 class MLP(nnx.Module):
@@ -225,7 +315,21 @@ class MLP(nnx.Module):
         self.fc2 = _linear(hidden, width, dtype, rngs, fp8=fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+        """x (..., width) -> (..., width). The hidden activations stay a (rows, hidden)
+        matrix: a reshape between fc1 and its activation kept XLA's GPU compiler from
+        folding the activation and fc2's float8 quantisation into fc1's GEMM epilogue.
+        Frozen float8 layers (fp8_inference) pad the rows with zeros to a multiple of
+        FP8_ROWS once, here, rather than XLA around each float8 GEMM, which blocks those
+        fusions too. Current float8 scaling keeps the per-layer form: with fc1's output
+        as rows, XLA (jax 0.10.2, H200 target) folds the amax of the activation into fc1's
+        GEMM and also feeds the scale made from it back into the same GEMM, and the
+        compile fails ("A cycle is detected")."""
+        if self.fc1.fp8 and not self.fc1.frozen:
+            return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+        rows = as_rows(x)
+        pad = -rows.shape[0] % FP8_ROWS if self.fc1.frozen else 0
+        hidden = ACTIVATIONS[self.activation](self.fc1(jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows))
+        return self.fc2(hidden)[:rows.shape[0]].reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -244,14 +348,15 @@ class Block(nnx.Module):
         self.mlp = MLP(width, mlp_dim, activation, dtype=dtype, fp8=fp8, rngs=rngs)
 
     def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
-        x = x + self.attn(self.norm1(x), causal=causal)
-        return x + self.mlp(self.norm2(x))
+        """x (B, T, D) -> (B, T, D), in x's dtype (the residual stream's)."""
+        x = x + self.attn(self.norm1(x), causal=causal).astype(x.dtype)
+        return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
-    def cls_call(self, x: jax.Array) -> jax.Array:
-        """The block's output at the first (CLS) token only: x (B, T, D) -> (B, 1, D),
-        equal to `self(x)[:, :1]` (non-causal). For a last block whose other tokens nobody reads."""
-        y = x[:, :1] + self.attn.cls_query(self.norm1(x))
-        return y + self.mlp(self.norm2(y))
+    def leading_call(self, x: jax.Array, n: int) -> jax.Array:
+        """The block's output at the first n tokens only: x (B, T, D) -> (B, n, D), equal to
+        `self(x)[:, :n]` (non-causal). For a last block whose other tokens nobody reads."""
+        y = x[:, :n] + self.attn.leading_rows(self.norm1(x), n).astype(x.dtype)
+        return y + self.mlp(self.norm2(y)).astype(x.dtype)
 
     def dense_call(self, x: jax.Array) -> jax.Array:
         """The MaskCLIP-style "dense" variant of the block used by CAT-Seg/MM-OVSeg.
@@ -262,7 +367,7 @@ class Block(nnx.Module):
         """
         y = self.attn.out(self.attn.value(self.norm1(x)))
         y = y + x[:, :1]
-        return y + self.mlp(self.norm2(y))
+        return y + self.mlp(self.norm2(y)).astype(y.dtype)
 
 
 def bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None = None) -> np.ndarray:

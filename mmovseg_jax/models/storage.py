@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mmovseg_jax.models import clip, dino, dinov3, params
+from mmovseg_jax.models import clip, dino, dinov3, layers, params
 
 FORMAT_VERSION = 1
 
@@ -79,10 +79,11 @@ def save(folder: str | os.PathLike, family: str, config: Any, flat_params: Mappi
 
     The parameters are checked against the architecture first, and the folder is written
     beside the target then renamed into place, so an error leaves nothing behind. float8
-    GEMMs are a speed choice of a run, not part of the weights: the stored config has
-    fp8 off (pass fp8 to `load_model` to run the loaded model in float8)."""
+    GEMMs, a bfloat16 residual stream and the tanh GELU are speed choices of a run, not
+    part of the weights: the stored config has them off (pass them to `load_model` to run
+    the loaded model so)."""
     folder = Path(folder).absolute()
-    config = with_kernels(config, fp8=False)
+    config = with_kernels(config, **{k: v for k, v in KERNEL_DEFAULTS.items() if v is not None})
     abstract = build_abstract(family, config)
     params.check_params(params.param_shapes_of(abstract), flat_params, f"parameters for {family}")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -139,29 +140,53 @@ def read(folder: str | os.PathLike) -> Stored:
     return Stored(meta["family"], config, _flatten(restored), meta.get("source", {}), extras)
 
 
-def with_kernels(config: Any, attention: str | None = None, fp8: bool | None = None) -> Any:
-    """`config` (a DINO, DINOv3, CLIP or MM-OVSeg config) with every vision encoder's
-    attention kernel set to `attention` ("xla" | "cudnn" | "auto", see layers.attention)
-    and its block matrix multiplies to float8 or not (`fp8`, see layers.Dense); None keeps
-    what the config has. CLIP's text tower keeps XLA attention and bf16/fp32 GEMMs."""
+# The run-time speed choices of the vision encoders, with the values a stored model keeps.
+KERNEL_DEFAULTS = {"attention": None, "fp8": False, "residual_dtype": "float32", "gelu": "exact"}
+
+
+def with_kernels(config: Any, attention: str | None = None, fp8: bool | None = None,
+                 residual_dtype: str | None = None, gelu: str | None = None) -> Any:
+    """`config` (a DINO, DINOv3, CLIP or MM-OVSeg config) with every vision encoder's speed
+    choices set; None keeps what the config has.
+
+    attention: "xla" | "cudnn" | "auto" (layers.attention). fp8: the block matrix
+    multiplies in float8 (layers.Dense). residual_dtype: "float32" | "bfloat16", the
+    residual stream's dtype. gelu: "exact" | "tanh", the DINO/DINOv3 MLP activation
+    (CLIP keeps its quick_gelu). CLIP's text tower keeps XLA attention, bf16/fp32 GEMMs
+    and a float32 residual stream."""
+    given = {"attention": attention, "fp8": fp8, "residual_dtype": residual_dtype, "gelu": gelu}
     if hasattr(config, "vision"):  # CLIP
-        return dataclasses.replace(config, vision=with_kernels(config.vision, attention, fp8))
+        return dataclasses.replace(config, vision=with_kernels(config.vision, **given))
     if hasattr(config, "clip") and hasattr(config, "dino"):  # the MM-OVSeg model
-        return dataclasses.replace(config, clip=with_kernels(config.clip, attention, fp8),
-                                   dino=with_kernels(config.dino, attention, fp8))
-    changes = {k: v for k, v in (("attention", attention), ("fp8", fp8)) if v is not None}
-    return dataclasses.replace(config, **changes)
+        return dataclasses.replace(config, clip=with_kernels(config.clip, **given),
+                                   dino=with_kernels(config.dino, **given))
+    fields = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None and k in fields})
+
+
+def kernel_choices(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The speed choices (`with_kernels`' keywords) a run's config.model asks for; fields it
+    lacks take the defaults a stored model keeps (attention unchanged). A value that is not
+    one of the choices is refused with the field's name."""
+    choices = {k: model_config.get(k, default) for k, default in KERNEL_DEFAULTS.items()}
+    allowed = {"attention": layers.ATTENTION_IMPLEMENTATIONS, "residual_dtype": layers.RESIDUAL_DTYPES,
+               "gelu": tuple(layers.GELUS), "fp8": (False, True)}
+    for key, values in allowed.items():
+        if choices[key] is not None and choices[key] not in values:
+            raise ValueError(f"config.model.{key}: {choices[key]!r} is not one of {', '.join(map(str, values))}")
+    return choices
 
 
 def load_model(folder: str | os.PathLike, expect_family: str | None = None, dtype: str | None = None,
-               attention: str | None = None, fp8: bool | None = None) -> nnx.Module:
+               attention: str | None = None, fp8: bool | None = None, residual_dtype: str | None = None,
+               gelu: str | None = None) -> nnx.Module:
     """Builds the model stored in `folder` with its parameters; `dtype` overrides the compute
-    dtype, `attention` and `fp8` the vision encoders' kernels (see `with_kernels`)."""
+    dtype, the others the vision encoders' speed choices (see `with_kernels`)."""
     stored = read(folder)
     if expect_family and stored.family != expect_family:
         raise ValueError(f"{folder} holds a {stored.family} model, not {expect_family}")
     config = stored.config if dtype is None else dataclasses.replace(stored.config, dtype=dtype)
-    config = with_kernels(config, attention, fp8)
+    config = with_kernels(config, attention, fp8, residual_dtype, gelu)
     model = build_abstract(stored.family, config)
     params.set_params(model, stored.params, f"{folder}/params")
     return model

@@ -18,6 +18,12 @@ backends the same float8 values are multiplied, so CPU tests see the float8 nume
 The amax of a sharded tensor is reduced over all its shards, so a sharded step computes
 what one device would. This changes results (about 2-6% relative error per product
 against bf16), so models use it only when configured to (`fp8=True`), never by default.
+
+For inference, `frozen_matmul` takes both scales as given ("static scaling"): the
+activation scale from a calibration pass, the weight already in float8, transposed to
+(N, K) once (`quantize_kernel`). The per-call amax reductions, weight casts and weight
+transposes (K-major operands are what Hopper's float8 GEMMs read) then go away;
+`models/fp8_inference.py` prepares a model so.
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ BACKWARD = jnp.float8_e5m2
 
 def scale_of(x: jax.Array, fp8_dtype) -> jax.Array:
     """Per-tensor scale, float32 scalar: max |x| / the float8 type's largest value (1 if x is all zero)."""
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return scale_from_amax(jnp.max(jnp.abs(x)), fp8_dtype)
+
+
+def scale_from_amax(amax: jax.Array, fp8_dtype=FORWARD) -> jax.Array:
+    """The scale of a tensor whose max |value| is `amax` (float32 scalar; 1 where amax is 0)."""
+    amax = jnp.asarray(amax).astype(jnp.float32)
     return jnp.where(amax > 0, amax / float(jnp.finfo(fp8_dtype).max), 1.0)
 
 
@@ -83,3 +94,40 @@ def _backward(saved, g):
 
 
 _float8_matmul.defvjp(_forward, _backward)
+
+
+def quantize_kernel(kernel: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """kernel (K, N) -> (its e4m3 copy transposed to (N, K), float32 scale), rounded to
+    `dtype` first and scaled by its own max |value|, as `matmul` does."""
+    kernel = kernel.astype(dtype)
+    scale = scale_of(kernel, FORWARD)
+    return quantize(kernel, FORWARD, scale, dtype).T, scale
+
+
+def frozen_matmul(x: jax.Array, kernel_t: jax.Array, x_scale: jax.Array, kernel_scale: jax.Array,
+                  dtype) -> jax.Array:
+    """x (..., K) @ kernel (K, N) -> (..., N) in `dtype`, for inference: `kernel_t` (N, K) is
+    the e4m3 kernel of `quantize_kernel`, `x_scale` a calibrated scale (values beyond
+    float8 range after it saturate). Not differentiable: the weights are frozen copies,
+    so a gradient through them would be silently zero; taking one raises."""
+    return _frozen_matmul(x.astype(dtype), kernel_t, x_scale, kernel_scale)
+
+
+@jax.custom_vjp
+def _frozen_matmul(x, kernel_t, x_scale, kernel_scale):
+    xq = quantize(x, FORWARD, x_scale, x.dtype)
+    # (..., K) x (N, K) -> (..., N): both operands K-major, as the float8 GEMM reads them.
+    return _scaled_dot(xq, kernel_t, (((x.ndim - 1,), (1,)), ((), ())), x_scale * kernel_scale, x.dtype)
+
+
+def _frozen_forward(x, kernel_t, x_scale, kernel_scale):
+    return _frozen_matmul(x, kernel_t, x_scale, kernel_scale), None
+
+
+def _frozen_backward(_, g):
+    raise TypeError("a gradient through float8 layers frozen for inference (models/fp8_inference.freeze): "
+                    "their weights are float8 copies that training would not update; differentiate a model "
+                    "without frozen float8 layers")
+
+
+_frozen_matmul.defvjp(_frozen_forward, _frozen_backward)

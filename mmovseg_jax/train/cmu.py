@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from mmovseg_jax import losses
 from mmovseg_jax.data import sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
-from mmovseg_jax.models import dino, dinov3, layers, params, storage
+from mmovseg_jax.models import dino, dinov3, fp8_inference, layers, params, storage
 from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
 from mmovseg_jax.train.reporting import Reporter
@@ -109,6 +109,59 @@ def alignment_loss(aligner: Aligner, student_tokens, teacher_tokens, loss: ml_co
     return jnp.mean(jnp.stack(per_block))
 
 
+# config.model.teacher_fp8: "off", or "static": the frozen teacher's block GEMMs in float8
+# with scales calibrated once on the held-out tiles (models/fp8_inference.py), as for
+# inference; the student keeps config.model.fp8.
+TEACHER_FP8 = ("off", "static")
+
+
+def teacher_fp8(config: ml_collections.ConfigDict) -> str:
+    """config.model.teacher_fp8 ("off" when absent), refused with the field's name if not one of TEACHER_FP8."""
+    choice = config.model.get("teacher_fp8", "off")
+    if choice not in TEACHER_FP8:
+        raise ValueError(f"config.model.teacher_fp8: {choice!r} is not one of {', '.join(TEACHER_FP8)}")
+    if choice == "static" and config.model.dtype != "bfloat16":
+        raise ValueError(f"config.model.teacher_fp8 = 'static' needs config.model.dtype = 'bfloat16', got "
+                         f"{config.model.dtype!r}")
+    return choice
+
+
+def student_config(teacher_config: dino.Config | dinov3.Config, config: ml_collections.ConfigDict):
+    """The student's encoder config: the teacher's, with config.model's own float8 choice
+    (a teacher in static float8 does not make the student float8)."""
+    return dataclasses.replace(teacher_config, fp8=bool(storage.kernel_choices(config.model)["fp8"]))
+
+
+def uses_cls_shortcut(config: ml_collections.ConfigDict) -> bool:
+    """Where the loss reads only CLS tokens, DINO encoders return just those and run their
+    deepest block for the leading token rows alone: the same values for less work."""
+    return config.loss.embedding == "cls" and config.get("cls_shortcut", True)
+
+
+def encoder_tokens(model: nnx.Module, images: jax.Array, config: ml_collections.ConfigDict,
+                   remat: str = "none") -> tuple[jax.Array, ...]:
+    """Normalised images (B, H, W, 3) -> the tokens of each of config.blocks, (B, 1+N, D)
+    (CLS rows only under the CLS shortcut), as the train step computes them."""
+    if uses_cls_shortcut(config) and type(model) is dino.Model:
+        return model(images, tuple(config.blocks), cls_only=True, remat=remat)
+    return model(images, tuple(config.blocks), remat=remat)
+
+
+def freeze_teacher(teacher: nnx.Module, config: ml_collections.ConfigDict, rgb_batches: list) -> dict[str, int]:
+    """For config.model.teacher_fp8 = "static": calibrates the teacher's float8 layers on
+    uint8 RGB batches (B, H, W, 3) through the forward the train step runs, then freezes
+    them (fp8_inference.prepare; with several processes, every process calls it). The
+    batches run in pieces of the step's per-device batch, so that any layout of the same
+    global batch over processes and devices computes the same ranges. Returns
+    fp8_inference.prepare's counts {"batches" (pieces), "layers", "frozen"}."""
+    if not rgb_batches:
+        raise ValueError("config.model.teacher_fp8 = 'static' calibrates the teacher on the held-out pairs, and "
+                         "config.eval.num_pairs gives none")
+    per_device = max(1, config.global_batch_size // jax.device_count())
+    pieces = [b[i:i + per_device] for b in rgb_batches for i in range(0, len(b), per_device)]
+    return fp8_inference.prepare(teacher, lambda m, rgb: encoder_tokens(m, normalize(rgb), config), pieces)
+
+
 def prepare(batch: dict) -> tuple[jax.Array, jax.Array]:
     """uint8 batch -> (normalised RGB, normalised three-channel SAR), each (B, H, W, 3)."""
     return normalize(batch["rgb"]), normalize(sar_as_rgb(batch["sar"]))
@@ -119,20 +172,11 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
     """A jitted step: (state, teacher_params, batch) -> (state, metrics). The teacher runs
     without gradients; only the aligner's parameters have optimiser state. The new state
     keeps `state_shardings`; the state passed in is donated."""
-    blocks = tuple(config.blocks)
-    # Where the loss reads only CLS tokens, DINO encoders return just those and run their
-    # deepest block for the CLS query alone: the same values for less work.
-    cls_shortcut = config.loss.embedding == "cls" and config.get("cls_shortcut", True)
     # The student's blocks may recompute their activations in the backward pass
     # (config.remat: none | full | dots) to fit larger batches; the teacher keeps none anyway.
     student_remat = config.get("remat", "none")
     if student_remat not in layers.REMAT_POLICIES:
         raise ValueError(f"config.remat: {student_remat!r} is not one of {layers.REMAT_POLICIES}")
-
-    def tokens(model, images, remat="none"):
-        if cls_shortcut and type(model) is dino.Model:
-            return model(images, blocks, cls_only=True, remat=remat)
-        return model(images, blocks, remat=remat)
 
     # FSDP: weights are gathered whole for the forward and backward passes, gradients are
     # reduce-scattered back to the parameters' shards; activations stay split by batch.
@@ -142,11 +186,11 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
         rgb, sar = prepare(batch)
         teacher = nnx.merge(teacher_def, jax.lax.with_sharding_constraint(
             teacher_params, jax.tree.map(lambda _: sharding.replicated(mesh), teacher_params)))
-        teacher_tokens = jax.lax.stop_gradient(tokens(teacher, rgb))
+        teacher_tokens = jax.lax.stop_gradient(encoder_tokens(teacher, rgb, config))
 
         def loss_fn(p):
             aligner = nnx.merge(aligner_def, jax.lax.with_sharding_constraint(p, gathered))
-            student_tokens = tokens(aligner.student, sar, student_remat)
+            student_tokens = encoder_tokens(aligner.student, sar, config, student_remat)
             loss = alignment_loss(aligner, student_tokens, teacher_tokens, config.loss, mesh)
             return loop.inject_nan(loss, state["step"], config.faults)
 
@@ -203,13 +247,15 @@ def retrieval(embed_fn, aligner_params, teacher_params, eval_batches, mesh: Mesh
 
 def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
     """The frozen RGB teacher: a converted DINO / DINOv3 checkpoint, or random weights of
-    config.model (config.model.family "v1" | "v3" picks the generation)."""
+    config.model (config.model.family "v1" | "v3" picks the generation). With
+    config.model.teacher_fp8 = "static" its block GEMMs are float8 layers, still to be
+    calibrated (`freeze_teacher`)."""
+    choices = {**storage.kernel_choices(config.model), **({"fp8": True} if teacher_fp8(config) == "static" else {})}
     if config.teacher_checkpoint:
         stored = storage.read(config.teacher_checkpoint)
         if stored.family not in ("dino", "dinov3"):
             raise ValueError(f"{config.teacher_checkpoint} holds a {stored.family} model, not dino or dinov3")
-        cfg = dataclasses.replace(stored.config, dtype=config.model.dtype, attention=config.model.attention,
-                                  fp8=config.model.get("fp8", False))
+        cfg = storage.with_kernels(dataclasses.replace(stored.config, dtype=config.model.dtype), **choices)
         teacher = nnx.eval_shape(lambda: encoder_class(cfg)(cfg, rngs=nnx.Rngs(0)))
         params.set_params(teacher, stored.params, f"{config.teacher_checkpoint}/params")
         return teacher
@@ -230,8 +276,7 @@ def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
     else:
         base = module.Config(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                              mlp_dim=4 * m.width)
-    cfg = dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype, attention=m.attention,
-                              fp8=m.get("fp8", False))
+    cfg = storage.with_kernels(dataclasses.replace(base, image_size=m.image_size, dtype=m.dtype), **choices)
     return encoder_class(cfg)(cfg, rngs=nnx.Rngs(config.seed))
 
 
@@ -285,8 +330,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"CMU: teacher {teacher.config}; blocks {tuple(config.blocks)}; loss {config.loss.kind}/"
               f"{config.loss.embedding}; mesh {dict(mesh.shape)} over {jax.device_count()} "
               f"{jax.devices()[0].platform} devices; global batch {config.global_batch_size}", flush=True)
-    aligner = Aligner(teacher.config, len(config.blocks), config.loss.projection_dim, config.loss.temperature,
-                      config.loss.learn_temperature, rngs=nnx.Rngs(config.seed + 1))
+    aligner = Aligner(student_config(teacher.config, config), len(config.blocks), config.loss.projection_dim,
+                      config.loss.temperature, config.loss.learn_temperature, rngs=nnx.Rngs(config.seed + 1))
+    eval_batches = _eval_batches(eval_source, config)
+    if teacher_fp8(config) == "static":  # the same held-out tiles on every run, so a resume gets the same scales
+        counts = freeze_teacher(teacher, config, [b["rgb"] for b in eval_batches])
+        if jax.process_index() == 0:
+            amaxes = workdir / "teacher_fp8_amax.json"
+            amaxes.write_text(json.dumps(fp8_inference.input_amaxes(teacher), indent=1) + "\n")
+            print(f"teacher in float8 with static scales: {counts['frozen']} of {counts['layers']} layers "
+                  f"calibrated on the held-out tiles ({counts['batches']} per-device batches); their input "
+                  f"ranges: {amaxes}", flush=True)
     setup = place(aligner, teacher, config, mesh)
     aligner_def, teacher_def, tx, lr = setup.aligner_def, setup.teacher_def, setup.tx, setup.lr
     state, state_shardings, teacher_params = setup.state, setup.state_shardings, setup.teacher_params
@@ -304,7 +358,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reporter.truncate_after(start)
 
     embed_fn = make_embed_fn(aligner_def, teacher_def, config)
-    eval_batches = _eval_batches(eval_source, config)
     init_path = workdir / "retrieval_init.json"
     if init_path.exists():
         before = json.loads(init_path.read_text())

@@ -62,8 +62,8 @@ def build_model(m: ml_collections.ConfigDict) -> tuple[mmovseg.Model, str]:
     with encoders from converted CLIP / DINO folders where given (random weights where not).
     """
     if m.checkpoint:
-        model = storage.load_model(m.checkpoint, expect_family="mmovseg", dtype=m.dtype, attention=m.attention,
-                                   fp8=m.get("fp8", False))
+        model = storage.load_model(m.checkpoint, expect_family="mmovseg", dtype=m.dtype,
+                                   **storage.kernel_choices(m))
         if model.config.use_sar != m.use_sar:
             raise ValueError(f"config.model.use_sar={m.use_sar} but {m.checkpoint} has use_sar={model.config.use_sar}")
         return model, m.checkpoint
@@ -94,7 +94,7 @@ def build_model(m: ml_collections.ConfigDict) -> tuple[mmovseg.Model, str]:
         cfg = dataclasses.replace(cfg, dino=dino_cfg)
     elif stored.get("sar_dino"):
         cfg = dataclasses.replace(cfg, dino=stored["sar_dino"].config)
-    model = mmovseg.Model(storage.with_kernels(cfg, m.attention, m.get("fp8", False)), rngs=nnx.Rngs(m.seed))
+    model = mmovseg.Model(storage.with_kernels(cfg, **storage.kernel_choices(m)), rngs=nnx.Rngs(m.seed))
     for name, s in stored.items():
         params.set_params(getattr(model, name), s.params, f"config.model.{name}_checkpoint")
     return model, (m.clip_checkpoint or str(tokenizer.BUNDLED_BPE))
