@@ -53,7 +53,13 @@ def _run_two_processes(workdir, *extra) -> list[str]:
                                        f"--process_id={i}"),
                               cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:  # a process left waiting for its peer would spin on through the rest of the suite
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     return outputs
 
