@@ -8,9 +8,9 @@ an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,9 +120,15 @@ def test_nan_loss_skipped_by_config(tmp_path, straight):
     assert all(np.isfinite(m["loss"]) for m in got[15:])
 
 
-def _limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+def _with_file_size_limit(command: list[str], limit: int = 100_000) -> list[str]:
+    """`command` run under a file-size limit of `limit` bytes, set by a small Python that
+    then execs it (rlimits and an ignored signal survive exec). Not a preexec_fn: that runs
+    Python between fork and exec in this multithreaded (JAX) process, which can deadlock."""
+    setup = ("import os, resource, signal, sys; "
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # a write past the limit fails with EFBIG instead
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", setup, *command]
 
 
 def test_failed_save_is_loud_and_keeps_the_previous_checkpoint(tmp_path, straight):
@@ -133,8 +139,8 @@ def test_failed_save_is_loud_and_keeps_the_previous_checkpoint(tmp_path, straigh
                            capture_output=True, text=True, timeout=600)
     listing = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert listing == ["10"], (listing, first.stderr[-3000:])
-    result = subprocess.run(_command(workdir, *STEPS), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                            timeout=600, preexec_fn=_limit_file_size)
+    result = subprocess.run(_with_file_size_limit(_command(workdir, *STEPS)), cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "saving checkpoint step 20" in error[0] and "File too large" in error[0], \
