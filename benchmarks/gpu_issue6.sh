@@ -60,14 +60,17 @@ ANCHOR=.shared_copy/bench/torch_cmu_anchor.py
 [ -f "$ANCHOR" ] || ANCHOR=../shared/bench/torch_cmu_anchor.py
 [ -f "$ANCHOR" ] || echo "!! torch_cmu_anchor.py not found: copy it to .shared_copy/bench/ (no PyTorch ratio this run)"
 RES="$OUT/RESULTS_issue6.md"
-# SMOKE=1: the same stages at toy sizes, to check this script on a CPU (cuDNN rows then fail, as they must).
+# SMOKE=1: the same stages at toy sizes with XLA attention (ATTENTION, default cudnn), to check
+# this script on a CPU (tests/test_benchmarks.py does); ATTENTION=cudnn there makes every row fail, as it must.
 if [ "${SMOKE:-0}" = 1 ]; then
+  ATTENTION=${ATTENTION:-xla}
   CMU224="--variant tiny --sizes 32 --batch 4 --steps 2 --warmup 1"; CMU384="$CMU224"
   DEF="--variant toy --steps 2 --warmup 1"; DEF_BATCHES=2
   INPUT="--records 8 --tile 96 --crop 64 --batch 4 --batches 2 --workers 0,1"
 else
   CMU224="--sizes 224"; CMU384="--sizes 384"; DEF=""; DEF_BATCHES=${DEF_BATCHES:-8}
   INPUT="--workers 0,4,16 --batch 16 --records 64"
+  ATTENTION=${ATTENTION:-cudnn}
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -93,43 +96,43 @@ NO_GRAPHS="--xla_gpu_enable_command_buffer="
 FLAGS_VARIANT=${FLAGS_VARIANT:---xla_gpu_enable_triton_gemm=false}
 run_stage() {
   case $1 in
-    cmu224) stage "cmu_step 224" 150 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --cls-shortcut both \
+    cmu224) stage "cmu_step 224" 150 python3 benchmarks/cmu_step.py $CMU224 --attention $ATTENTION --cls-shortcut both \
               --measure-peak --torch-anchor "$ANCHOR" --results "$RES" --json "$WORK/cmu_224.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_fast) stage "cmu_step 224 fast numerics, fp8 off and on" 120 python3 benchmarks/cmu_step.py $CMU224 \
-              --attention cudnn --fast-numerics on --fp8 both --torch off --results "$RES" \
+              --attention $ATTENTION --fast-numerics on --fp8 both --torch off --results "$RES" \
               --json "$WORK/cmu_224_fast.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_tfp8) stage "cmu_step 224 teacher in static float8" 110 python3 benchmarks/cmu_step.py $CMU224 \
-              --attention cudnn --teacher-fp8 static --fast-numerics both --torch off --results "$RES" \
+              --attention $ATTENTION --teacher-fp8 static --fast-numerics both --torch off --results "$RES" \
               --json "$WORK/cmu_224_tfp8.json" --hlo-dir "$WORK/hlo" ;;
-    cmu224_pad2) stage "cmu_step 224 cuDNN padding to 2" 70 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
+    cmu224_pad2) stage "cmu_step 224 cuDNN padding to 2" 70 python3 benchmarks/cmu_step.py $CMU224 --attention $ATTENTION \
               --cudnn-pad-multiple 2 --torch off --results "$RES" --json "$WORK/cmu_224_pad2.json" ;;
     def_infer_nopad) stage "def_step inference, no cuDNN padding" 90 python3 benchmarks/def_step.py $DEF --modes inference \
-              --attention cudnn --batch ${DEF_BATCHES%%,*} --cudnn-pad-multiple 1 --fast-numerics both --results "$RES" \
+              --attention $ATTENTION --batch ${DEF_BATCHES%%,*} --cudnn-pad-multiple 1 --fast-numerics both --results "$RES" \
               --json "$WORK/def_inference_nopad.json" ;;
-    cmu224_fp8) stage "cmu_step 224 fp8" 90 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --fp8 on \
+    cmu224_fp8) stage "cmu_step 224 fp8" 90 python3 benchmarks/cmu_step.py $CMU224 --attention $ATTENTION --fp8 on \
               --torch off --results "$RES" --json "$WORK/cmu_224_fp8.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_profile) stage "cmu_step 224 profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
-              python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --profile --steps 5 \
+              python3 benchmarks/cmu_step.py $CMU224 --attention $ATTENTION --torch off --profile --steps 5 \
               --json "$WORK/cmu_224_profile.json" ;;
     def_profile) stage "def_step inference profile (no command buffers)" 90 env XLA_FLAGS="$NO_GRAPHS" \
-              python3 benchmarks/def_step.py $DEF --modes inference,encoders --attention cudnn --profile --steps 5 \
+              python3 benchmarks/def_step.py $DEF --modes inference,encoders --attention $ATTENTION --profile --steps 5 \
               --json "$WORK/def_profile.json" ;;
     attention_tests) stage "attention and fp8 tests (GPU)" 150 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
               tests/test_attention.py tests/test_fast_paths.py tests/test_fp8.py tests/test_fast_numerics.py \
               tests/test_fp8_inference.py ;;
-    def_infer) stage "def_step inference" 240 python3 benchmarks/def_step.py $DEF --modes inference --attention cudnn \
+    def_infer) stage "def_step inference" 240 python3 benchmarks/def_step.py $DEF --modes inference --attention $ATTENTION \
               --batch $DEF_BATCHES --fp8 all --fast-numerics both --measure-peak --results "$RES" --json "$WORK/def_inference.json" --hlo-dir "$WORK/hlo" ;;
     cmu224_flags) stage "cmu_step 224 with XLA_FLAGS=$FLAGS_VARIANT" 80 env XLA_FLAGS="$FLAGS_VARIANT" \
-              python3 benchmarks/cmu_step.py $CMU224 --attention cudnn --torch off --json "$WORK/cmu_224_flags.json" ;;
-    cmu224_remat) stage "cmu_step 224 remat full" 80 python3 benchmarks/cmu_step.py $CMU224 --attention cudnn \
+              python3 benchmarks/cmu_step.py $CMU224 --attention $ATTENTION --torch off --json "$WORK/cmu_224_flags.json" ;;
+    cmu224_remat) stage "cmu_step 224 remat full" 80 python3 benchmarks/cmu_step.py $CMU224 --attention $ATTENTION \
               --remat full --torch off --json "$WORK/cmu_224_remat.json" ;;
     cmu224_xla) stage "cmu_step 224 xla" 80 python3 benchmarks/cmu_step.py $CMU224 --attention xla --torch off \
               --results "$RES" --json "$WORK/cmu_224_xla.json" ;;
-    cmu384) stage "cmu_step 384" 130 python3 benchmarks/cmu_step.py $CMU384 --attention cudnn \
+    cmu384) stage "cmu_step 384" 130 python3 benchmarks/cmu_step.py $CMU384 --attention $ATTENTION \
               --torch-anchor "$ANCHOR" --results "$RES" --json "$WORK/cmu_384.json" ;;
     input) stage "input_pipeline" 100 python3 benchmarks/input_pipeline.py $INPUT --results "$RES" \
               --json "$WORK/input_pipeline.json" ;;
-    def_train) stage "def_step train" 130 python3 benchmarks/def_step.py $DEF --modes train --attention cudnn \
+    def_train) stage "def_step train" 130 python3 benchmarks/def_step.py $DEF --modes train --attention $ATTENTION \
               --results "$RES" --json "$WORK/def_train.json" ;;
     *) echo "!! unknown stage $1" ;;
   esac
