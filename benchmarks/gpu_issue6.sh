@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 6's measurements on one lent H100/H200, in a single call of at most ~9 minutes.
 # Run from the repository root. Before the call, on the session's own machine:
-#   mkdir -p .shared_copy/bench && cp ../shared/bench/torch_cmu_anchor.py .shared_copy/bench/
-# then: device run, carry [".whl", ".shared_copy"], timeout_s 600, command
+#   bash benchmarks/device_wheels.sh
+# (.whl: the grain, array_record, ml_collections, portpicker and tensorboardX wheels the
+# device image lacks; .shared_copy: the PyTorch anchor), then: device run, carry
+# [".whl", ".shared_copy"], timeout_s 600, command
 #   bash benchmarks/gpu_issue6.sh
-# (.whl: grain, array_record, ml_collections, portpicker, tensorboardx wheels, see
-# /work/.library/device/README.md; .shared_copy: the PyTorch anchor and the test fixtures.)
 #
 # Stages (STAGES="a b ..." picks and orders them), most important first, each under its own
 # time limit inside an overall budget (BUDGET_S, default 530 s from the start): a stage that
