@@ -15,6 +15,12 @@ Text embeddings are cached per tuple of class names, so a test-time class list n
 reuses the embeddings of another list (the release's cache keeps the training classes).
 The forward is jitted once per (config, input shape, class count); the cache is shared
 by every Segmenter holding a model of the same architecture.
+
+Float8 (H100/H200 speed; changes results, off by default): `Segmenter.load(folder,
+fp8=True)` runs the vision encoders' block GEMMs in float8 with current scaling (bf16
+compute); `seg.calibrate_fp8(tiles)` then fixes every float8 layer's input range from
+representative tiles (models/fp8_inference.py), so later calls take no amax and read
+float8 kernels stored once. `seg.fp8` says which form runs: "off", "on" or "static".
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,7 @@ from flax import nnx
 
 from mmovseg_jax.data import preprocess
 from mmovseg_jax.evaluation.sliding_window import sliding_window_probabilities, window_origins
-from mmovseg_jax.models import mmovseg
+from mmovseg_jax.models import fp8_inference, mmovseg
 from mmovseg_jax.ops.resize import resize_bilinear
 
 TEXT_CACHE_SIZE = 32  # class lists whose embeddings are kept
@@ -149,17 +155,23 @@ class Segmenter:
         self._text_cache: collections.OrderedDict[tuple[str, ...], jax.Array] = collections.OrderedDict()
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, dtype: str | None = None, **kw) -> "Segmenter":
+    def load(cls, folder: str | os.PathLike, dtype: str | None = None, fp8: bool = False, **kw) -> "Segmenter":
         """Model and tokenizer from a model folder (`convert.to_flax` or training);
-        FileNotFoundError / ValueError naming the folder if it is not an MM-OVSeg model."""
+        FileNotFoundError / ValueError naming the folder if it is not an MM-OVSeg model.
+        dtype: compute dtype (default the model's; bfloat16 with fp8); fp8: the vision
+        encoders' block GEMMs in float8 (then `calibrate_fp8` for static scales)."""
         from mmovseg_jax.models import storage
         from mmovseg_jax.models.tokenizer import Tokenizer
 
         folder = Path(folder)
+        if fp8 and dtype not in (None, "bfloat16"):
+            raise ValueError(f"float8 products run with bfloat16 compute, not dtype {dtype!r}: "
+                             "leave the dtype unset or pass bfloat16")
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such model folder")
         try:
-            model = storage.load_model(folder, expect_family="mmovseg", dtype=dtype)
+            model = storage.load_model(folder, expect_family="mmovseg", dtype="bfloat16" if fp8 else dtype,
+                                       fp8=True if fp8 else None)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{folder}: not an MM-OVSeg model folder ({_one_line(e)})") from e
         except (ValueError, KeyError, TypeError) as e:
@@ -170,6 +182,73 @@ class Segmenter:
     @property
     def image_size(self) -> int:
         return self.config.image_size
+
+    @property
+    def fp8(self) -> str:
+        """ "off" (no float8 layers), "on" (current scaling) or "static" (calibrated and frozen)."""
+        found = fp8_inference.float8_layers(self.model)
+        if not found:
+            return "off"
+        return "static" if any(m.frozen for m in found.values()) else "on"
+
+    def calibrate_fp8(self, tiles: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, int]:
+        """Static float8 scales from representative tiles, then frozen (fp8_inference.prepare).
+
+        tiles: (rgb (H, W, 3), sar (H, W) or None) pairs of any sizes, as `probabilities`
+        takes them; calibration runs the very inputs prediction would (the resized tile,
+        or the sliding windows and the global view), batch_size at a time, in bf16
+        products. Inputs beyond the ranges seen saturate later, so pass tiles like those
+        to be segmented. With several processes, every process calls it (ranges are
+        maxed over all). Returns {"tiles", "batches", "layers", "frozen"}.
+        ValueError for a model without float8 layers (load with fp8=True), one already
+        frozen, no tiles, or a bad pair."""
+        if self.fp8 == "off":
+            raise ValueError("the model has no float8 layers to calibrate: Segmenter.load(folder, fp8=True), "
+                             "or a model built with fp8=True")
+        if self.fp8 == "static":
+            raise ValueError("the model's float8 layers are calibrated and frozen already")
+        rgb_inputs, sar_inputs, count = [], [], 0
+        for rgb, sar in tiles:
+            rgb, sar = _check_pair(rgb, sar, self.config.use_sar, batched=False)
+            r, s = self._model_inputs(rgb, sar)
+            rgb_inputs.append(r)
+            sar_inputs.append(s)
+            count += 1
+        if count == 0:
+            raise ValueError("calibrate_fp8 needs at least one tile")
+        rgb_all = np.concatenate(rgb_inputs)
+        sar_all = None if sar_inputs[0] is None else np.concatenate(sar_inputs)
+        size = self.image_size
+
+        def forward(model, rgb, sar):
+            return model.encode_images(_to_model_input(rgb, size),
+                                       None if sar is None else _to_model_input(preprocess.sar_as_rgb(sar), size))
+
+        def batches():  # one compiled shape: the last batch wraps round (the maxima stay the same)
+            for start in range(0, len(rgb_all), self.batch_size):
+                take = np.arange(start, start + self.batch_size) % len(rgb_all)
+                yield jnp.asarray(rgb_all[take]), None if sar_all is None else jnp.asarray(sar_all[take])
+
+        summary = {"tiles": count, **fp8_inference.prepare(self.model, forward, batches())}
+        graphdef, self._state = nnx.split(self.model)
+        self._graph = _Graph(self.config, graphdef)
+        self._text_cache.clear()
+        return summary
+
+    def _model_inputs(self, rgb: np.ndarray, sar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The (N, S, S, 3) / (N, S, S) pixel inputs `probabilities` runs for one tile:
+        the tile resized to S x S, or its windows and global view."""
+        seen_rgb, seen_sar = [], []
+
+        def record(r: np.ndarray, s: np.ndarray) -> np.ndarray:
+            seen_rgb.append(np.asarray(r, np.float32))
+            seen_sar.append(np.asarray(s, np.float32))
+            return np.zeros((len(r), 1, *r.shape[1:3]), np.float32)
+
+        sliding_window_probabilities(record, rgb, np.zeros(rgb.shape[:2], np.float32) if sar is None else sar,
+                                     window=self.image_size, overlap=self.overlap, global_view=self.global_view,
+                                     batch_size=self.batch_size, pad_batches=False)
+        return np.concatenate(seen_rgb), None if sar is None else np.concatenate(seen_sar)
 
     # -- text ---------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
     python -m mmovseg_jax.predict --checkpoint MODEL_DIR --rgb tile.tif --sar tile_sar.tif \\
         --classes "water,road,forest" --out mask.png [--probabilities probs.npy] \\
-        [--overlay overlay.png] [--sar-nodata zero|refuse] [--debug]
+        [--overlay overlay.png] [--sar-nodata zero|refuse] [--fp8 off|on|static] [--debug]
 
 Writes
   --out            the colour mask (fixed palette) with a legend panel (swatch + name per
@@ -20,6 +20,13 @@ value 0, or (--sar-units linear) not positive carry no backscatter. By default (
 they become 0, the release's no-data value, after one `warning:` line on stderr counting
 them; `refuse` stops with an error instead. uint8 SAR is display-scaled and used as is.
 Non-finite pixels of a float RGB image become 0 after a `warning:` line.
+
+Float8 (--fp8, H100/H200; changes results): `on` runs the vision encoders' block GEMMs in
+float8 with current scaling (bf16 compute); `static` first calibrates every float8 layer's
+range on this tile's own model inputs, then runs with those ranges fixed. On one tile
+`static` pays an extra bf16 pass, so it shows what static float8 does to a result; the
+speed is for many tiles sharing one calibration (Segmenter.calibrate_fp8, or the DEF
+stage's config.eval.fp8 = "static").
 
 Errors (missing or unreadable file, corrupt or truncated image, RGB/SAR size mismatch,
 wrong band count or dtype, empty or duplicate class names, a folder that is not an
@@ -72,6 +79,7 @@ def parse_classes(text: str) -> list[str]:
 
 
 NODATA_POLICIES = ("zero", "refuse")
+FP8_MODES = ("off", "on", "static")
 
 
 def warn(message: str) -> None:
@@ -190,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap (default 1/3)")
     p.add_argument("--no-global-view", action="store_true", help="no global view in the sliding window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: the model's; bfloat16 with --fp8)")
+    p.add_argument("--fp8", choices=FP8_MODES, default="off",
+                   help="vision GEMMs in float8: off (default), on (current scaling) or static "
+                        "(calibrated on this tile first); changes results")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -205,6 +217,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--overlap must lie in [0, 1), got {args.overlap}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.fp8 != "off" and args.dtype == "float32":
+        raise UsageError(f"--fp8 {args.fp8} runs with bfloat16 compute: leave --dtype out or pass bfloat16")
     out = check_output(args.out, "--out", (".png",))
     targets = [out, index_path(out)]
     if args.probabilities:
@@ -228,12 +242,14 @@ def run(args: argparse.Namespace) -> dict:
     if not args.checkpoint.is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such folder")
     try:
-        seg = Segmenter.load(args.checkpoint, dtype=args.dtype, overlap=args.overlap,
+        seg = Segmenter.load(args.checkpoint, dtype=args.dtype, fp8=args.fp8 != "off", overlap=args.overlap,
                              global_view=not args.no_global_view, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--checkpoint {e}") from e
     if seg.config.use_sar and sar is None:
         raise UsageError(f"--sar: the model in {args.checkpoint} has a SAR branch; pass the SAR image")
+    if args.fp8 == "static":
+        seg.calibrate_fp8([(rgb, sar if seg.config.use_sar else None)])
     t1 = time.perf_counter()
 
     probs = seg.probabilities(rgb, sar if seg.config.use_sar else None, classes)
@@ -253,15 +269,16 @@ def run(args: argparse.Namespace) -> dict:
     write_all(outputs)
     return {"classes": classes, "size": rgb.shape[:2], "windows": seg.windows(*rgb.shape[:2]),
             "window": seg.image_size, "load_s": t1 - t0, "predict_s": t2 - t1,
-            "sar_used": seg.config.use_sar, "written": list(outputs)}
+            "sar_used": seg.config.use_sar, "written": list(outputs), "fp8": seg.fp8}
 
 
 def _print_summary(s: dict) -> None:
     h, w = s["size"]
     print(f"classes: {', '.join(s['classes'])} ({len(s['classes'])})")
     print(f"tile: {h}x{w}, {s['windows']} model input(s) of {s['window']}x{s['window']}"
-          + ("" if s["sar_used"] else ", RGB only"))
-    print(f"seconds: load {s['load_s']:.1f}, predict {s['predict_s']:.1f}")
+          + ("" if s["sar_used"] else ", RGB only") + ("" if s["fp8"] == "off" else f", float8 {s['fp8']}"))
+    print(f"seconds: load {s['load_s']:.1f}" + (", calibrate" if s["fp8"] == "static" else "")
+          + f", predict {s['predict_s']:.1f}")
     print("wrote: " + ", ".join(map(str, s["written"])))
 
 

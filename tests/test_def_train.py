@@ -64,7 +64,17 @@ def test_sharded_meshes_equal_one_device_resume_and_eval_of_the_export(tmp_path)
     again = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
     assert again["class_names"] == list(trained["class_names"])
     assert again["confusion_matrix"] == trained["confusion_matrix"]
+    assert again["precision"] == trained["precision"] == "float32"
     assert not (tmp_path / "eval" / "checkpoints").exists()
+
+    # the same model scored in static float8: calibrated on 3 training tiles, then frozen
+    static = _run(tmp_path / "fp8", "--mode=eval", "--config.eval.fp8=static", "--config.eval.fp8_calibration_tiles=3",
+                  f"--config.model.checkpoint={tmp_path / 'one' / 'model'}")
+    assert "eval in float8, static scales from 3 train tiles" in static.stdout, static.stdout[-2000:]
+    in_fp8 = json.loads((tmp_path / "fp8" / "eval_test.json").read_text())
+    assert in_fp8["precision"] == "bfloat16, float8 static" and in_fp8["tiles"] == trained["tiles"]
+    assert np.sum(in_fp8["confusion_matrix"]) == np.sum(trained["confusion_matrix"])
+    assert "(test, bfloat16, float8 static)" in (tmp_path / "fp8" / "eval_test.md").read_text()
 
 
 def test_a_paper_setting_on_its_prepared_layout(tmp_path):

@@ -53,6 +53,11 @@ def test_main_bad_speed_choice_names_the_field(tmp_path):
                                  "--config.model.teacher_fp8=static"))
     assert line == ("error: config.model.teacher_fp8 = 'static' needs config.model.dtype = 'bfloat16', got "
                     "'float32'")
+    line = _one_error_line(_main("--config", "configs/def.py", f"--workdir={tmp_path}", "--config.eval.fp8=dynamic"))
+    assert line == "error: config.eval.fp8: 'dynamic' is not one of model, off, on, static"
+    line = _one_error_line(_main("--config", "configs/def.py", f"--workdir={tmp_path}", "--config.eval.fp8=static",
+                                 "--config.eval.fp8_calibration_split=val"))
+    assert line == "error: config.eval.fp8_calibration_split: 'val' is not one of train, test"
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -177,6 +177,17 @@ def kernel_choices(model_config: Mapping[str, Any]) -> dict[str, Any]:
     return choices
 
 
+def rebuild(model: nnx.Module, family: str, dtype: str | None = None, attention: str | None = None,
+            fp8: bool | None = None, residual_dtype: str | None = None, gelu: str | None = None) -> nnx.Module:
+    """A new `family` model holding `model`'s parameters (copied to the host), with the
+    compute dtype and vision-encoder speed choices changed as `load_model` takes them;
+    None keeps the model's own. Frozen float8 state is not carried over."""
+    config = model.config if dtype is None else dataclasses.replace(model.config, dtype=dtype)
+    rebuilt = build_abstract(family, with_kernels(config, attention, fp8, residual_dtype, gelu))
+    params.set_params(rebuilt, params.flat_params(model), f"the {family} model's parameters")
+    return rebuilt
+
+
 def load_model(folder: str | os.PathLike, expect_family: str | None = None, dtype: str | None = None,
                attention: str | None = None, fp8: bool | None = None, residual_dtype: str | None = None,
                gelu: str | None = None) -> nnx.Module:

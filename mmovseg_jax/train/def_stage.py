@@ -12,6 +12,8 @@ fsdp) mesh: the batch is split over devices, trainable parameters and optimiser 
 over fsdp. The text embeddings of the training classes are recomputed in every step
 (CLIP's text tower trains too). Evaluation (`config.mode = "eval"`, and at the end of
 training) scores the test split with the test class list: WORKDIR/eval_test.json and .md.
+`config.eval.fp8` picks the precision it scores in (`eval_segmenter`): the model's own, or
+float8 with current or static scales (static: calibrated on a few tiles first).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from mmovseg_jax.train.reporting import Reporter
 
 CLIP_FINETUNE = ("qv", "full", "frozen")
 MODES = ("train", "eval", "robustness")
+EVAL_FP8 = ("model", "off", "on", "static")
+CALIBRATION_SPLITS = ("train", "test")
 
 
 # ----------------------------------------------------------------------------- model
@@ -183,6 +187,48 @@ def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: M
 
 # ----------------------------------------------------------------------------- evaluation
 
+def check_eval_config(e: ml_collections.ConfigDict) -> None:
+    """ValueError naming the config.eval field that is out of range."""
+    if e.fp8 not in EVAL_FP8:
+        raise ValueError(f"config.eval.fp8: {e.fp8!r} is not one of {', '.join(EVAL_FP8)}")
+    if e.fp8_calibration_split not in CALIBRATION_SPLITS:
+        raise ValueError(f"config.eval.fp8_calibration_split: {e.fp8_calibration_split!r} is not one of "
+                         f"{', '.join(CALIBRATION_SPLITS)}")
+    if e.fp8 == "static" and e.fp8_calibration_tiles < 1:
+        raise ValueError(f"config.eval.fp8_calibration_tiles must be >= 1, got {e.fp8_calibration_tiles}")
+
+
+def precision(segmenter: Segmenter) -> str:
+    """The compute precision a Segmenter scores in, for reports: "float32", "bfloat16",
+    "bfloat16, float8 static", ..."""
+    return segmenter.config.dtype + ("" if segmenter.fp8 == "off" else f", float8 {segmenter.fp8}")
+
+
+def eval_segmenter(model: mmovseg.Model, tok, config: ml_collections.ConfigDict,
+                   setting: benchmarks.Setting) -> Segmenter:
+    """The Segmenter that scores `model` in config.eval.fp8's precision: "model" as built;
+    "off" without float8 products; "on" float8 with current scaling, "static" float8
+    calibrated on the first config.eval.fp8_calibration_tiles tiles of
+    config.eval.fp8_calibration_split and frozen (both in bfloat16, the model's
+    parameters unchanged; models/fp8_inference.py)."""
+    e = config.eval
+    check_eval_config(e)
+    if e.fp8 == "off" and model.config.dino.fp8:
+        model = storage.rebuild(model, "mmovseg", fp8=False)
+    elif e.fp8 in ("on", "static") and not (model.config.dino.fp8 and model.config.dtype == "bfloat16"):
+        model = storage.rebuild(model, "mmovseg", dtype="bfloat16", fp8=True)
+    seg = Segmenter(model, tok, batch_size=e.batch_size)
+    if e.fp8 == "static":
+        source = _source(config, setting, e.fp8_calibration_split)
+        count = min(e.fp8_calibration_tiles, len(source))
+        records = [source[i] for i in range(count)]
+        summary = seg.calibrate_fp8((r["rgb"], r["sar"] if seg.config.use_sar else None) for r in records)
+        if jax.process_index() == 0:
+            print(f"eval in float8, static scales from {count} {e.fp8_calibration_split} tiles: "
+                  f"{summary['frozen']} of {summary['layers']} float8 layers frozen", flush=True)
+    return seg
+
+
 def score(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_collections.ConfigDict,
           split: str = "test", transform=None, what: str = "eval test") -> dict:
     """Scores of `source` (labels in test-class order) with the split's class list. Every
@@ -213,6 +259,7 @@ def score(segmenter: Segmenter, setting: benchmarks.Setting, source, config: ml_
         -1, len(classes), len(classes)).sum(axis=0) if jax.process_count() > 1 else acc.matrix
     scores = metrics.segmentation_scores(total, classes, seen=setting.seen)
     scores["setting"], scores["split"], scores["tiles"] = setting.name, split, limit
+    scores["precision"] = precision(segmenter)
     return scores
 
 
@@ -222,7 +269,7 @@ def evaluate(segmenter: Segmenter, setting: benchmarks.Setting, source, config: 
     scores = score(segmenter, setting, source, config, split)
     if jax.process_index() == 0:
         metrics.write_report(scores, workdir / f"eval_{split}.json", workdir / f"eval_{split}.md",
-                             title=f"{setting.name} ({split})")
+                             title=f"{setting.name} ({split}, {scores['precision']})")
         print(metrics.format_table(scores), flush=True)
     return scores
 
@@ -253,13 +300,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.setting: {config.setting!r} is not one of {', '.join(benchmarks.SETTINGS)}")
     if config.mode not in MODES:
         raise ValueError(f"config.mode: {config.mode!r} is not one of {MODES}")
+    check_eval_config(config.eval)
     setting = benchmarks.SETTINGS[config.setting]
     model, tok_folder = build_model(config.model)
     test_source = _source(config, setting, "test")
     tok = tokenizer.Tokenizer(tok_folder, model.config.clip.text.context_length)
     if config.mode == "eval":
-        scores = evaluate(Segmenter(model, tok, batch_size=config.eval.batch_size), setting, test_source,
-                          config, workdir)
+        scores = evaluate(eval_segmenter(model, tok, config, setting), setting, test_source, config, workdir)
         return {"eval": scores}
     if config.mode == "robustness":
         from mmovseg_jax import robustness
@@ -268,10 +315,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError("config.model.checkpoint is empty: --mode robustness scores a trained model folder "
                              "(WORKDIR/model of a DEF run, or a converted release checkpoint)")
 
-        models = {"fused" if model.config.use_sar else "model": Segmenter(model, tok, batch_size=config.eval.batch_size)}
+        models = {"fused" if model.config.use_sar else "model": eval_segmenter(model, tok, config, setting)}
         if config.robustness.baseline_checkpoint:
-            models["rgb_only"] = Segmenter.load(config.robustness.baseline_checkpoint,
-                                                batch_size=config.eval.batch_size)
+            baseline = Segmenter.load(config.robustness.baseline_checkpoint)
+            models["rgb_only"] = eval_segmenter(baseline.model, baseline.tokenizer, config, setting)
         return robustness.sweep(models, setting, test_source, config, workdir)
 
     train_source = _source(config, setting, "train")
@@ -326,8 +373,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         folder = export(trained, tok_folder, workdir, config)
         print(f"model: {folder} (segment a pair: python -m mmovseg_jax.predict --checkpoint {folder} ...; "
               f"to PyTorch: python -m convert.to_torch {folder} model.pth)", flush=True)
-    scores = evaluate(Segmenter(trained, tok, batch_size=config.eval.batch_size), setting, test_source, config,
-                      workdir)
+    scores = evaluate(eval_segmenter(trained, tok, config, setting), setting, test_source, config, workdir)
     summary["eval"] = {k: scores[k] for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU") if k in scores}
     if jax.process_index() == 0:
         reporter.write({"step": config.total_steps, **{f"eval_{k}": v for k, v in summary["eval"].items()}})
