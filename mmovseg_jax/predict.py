@@ -277,8 +277,8 @@ def _print_summary(s: dict) -> None:
     print(f"classes: {', '.join(s['classes'])} ({len(s['classes'])})")
     print(f"tile: {h}x{w}, {s['windows']} model input(s) of {s['window']}x{s['window']}"
           + ("" if s["sar_used"] else ", RGB only") + ("" if s["fp8"] == "off" else f", float8 {s['fp8']}"))
-    print(f"seconds: load {s['load_s']:.1f}" + (", calibrate" if s["fp8"] == "static" else "")
-          + f", predict {s['predict_s']:.1f}")
+    print(f"seconds: load{' and calibrate' if s['fp8'] == 'static' else ''} {s['load_s']:.1f}, "
+          f"predict {s['predict_s']:.1f}")
     print("wrote: " + ", ".join(map(str, s["written"])))
 
 

@@ -129,7 +129,7 @@ def test_cli_fp8_static(model_dir, pair, tmp_path, capsys):  # noqa: F811
     assert predict.main(base + ["--out", str(tmp_path / "f8.png"), "--fp8", "static",
                                 "--probabilities", str(tmp_path / "f8.npy")]) == 0
     printed = capsys.readouterr().out
-    assert "float8 static" in printed and "calibrate" in printed
+    assert "float8 static" in printed and "seconds: load and calibrate" in printed
     ref, got = np.load(tmp_path / "bf16.npy"), np.load(tmp_path / "f8.npy")
     assert got.shape == ref.shape == (3, 70, 90) and 1e-5 < _rel(got, ref) < 0.15
 
