@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +108,31 @@ def _check_pixels(x: Any, name: str) -> np.ndarray:
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise ValueError(f"{name}: holds {int(np.size(x) - np.isfinite(x).sum())} non-finite values")
     return x
+
+
+def _full_batches(inputs: Iterable[tuple[np.ndarray, np.ndarray | None]], size: int
+                  ) -> Iterator[tuple[jax.Array, jax.Array | None]]:
+    """(rgb (n, S, S, 3), sar (n, S, S) or None) arrays of any n -> batches of exactly
+    `size` rows, in order, holding at most one batch and the first `size` rows at a time;
+    the last batch wraps round to the first rows (one compiled shape; maxima unchanged)."""
+    pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # single rows
+    head: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def batch(rows):
+        rgb = jnp.asarray(np.stack([r for r, _ in rows]))
+        return rgb, None if rows[0][1] is None else jnp.asarray(np.stack([s for _, s in rows]))
+
+    for rgb, sar in inputs:
+        for i in range(len(rgb)):
+            row = (rgb[i], None if sar is None else sar[i])
+            pending.append(row)
+            if len(head) < size:
+                head.append(row)
+            if len(pending) == size:
+                yield batch(pending)
+                pending = []
+    if pending:
+        yield batch(pending + [head[i % len(head)] for i in range(size - len(pending))])
 
 
 def _check_pair(rgb: Any, sar: Any, needs_sar: bool, batched: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -195,41 +220,36 @@ class Segmenter:
         """Static float8 scales from representative tiles, then frozen (fp8_inference.prepare).
 
         tiles: (rgb (H, W, 3), sar (H, W) or None) pairs of any sizes, as `probabilities`
-        takes them; calibration runs the very inputs prediction would (the resized tile,
-        or the sliding windows and the global view), batch_size at a time, in bf16
-        products. Inputs beyond the ranges seen saturate later, so pass tiles like those
-        to be segmented. With several processes, every process calls it (ranges are
-        maxed over all). Returns {"tiles", "batches", "layers", "frozen"}.
-        ValueError for a model without float8 layers (load with fp8=True), one already
-        frozen, no tiles, or a bad pair."""
+        takes them (any iterable: they are read one at a time); calibration runs the very
+        inputs prediction would (the resized tile, or the sliding windows and the global
+        view), batch_size at a time, in bf16 products. Inputs beyond the ranges seen
+        saturate later, so pass tiles like those to be segmented. With several processes,
+        every process calls it (ranges are maxed over all). Returns {"tiles", "batches",
+        "layers", "frozen"}. ValueError for a model without float8 layers (load with
+        fp8=True), one already frozen, no tiles, or a bad pair (the model then stays as it
+        was: ranges are set only once every tile has run)."""
         if self.fp8 == "off":
             raise ValueError("the model has no float8 layers to calibrate: Segmenter.load(folder, fp8=True), "
                              "or a model built with fp8=True")
         if self.fp8 == "static":
             raise ValueError("the model's float8 layers are calibrated and frozen already")
-        rgb_inputs, sar_inputs, count = [], [], 0
-        for rgb, sar in tiles:
-            rgb, sar = _check_pair(rgb, sar, self.config.use_sar, batched=False)
-            r, s = self._model_inputs(rgb, sar)
-            rgb_inputs.append(r)
-            sar_inputs.append(s)
-            count += 1
-        if count == 0:
-            raise ValueError("calibrate_fp8 needs at least one tile")
-        rgb_all = np.concatenate(rgb_inputs)
-        sar_all = None if sar_inputs[0] is None else np.concatenate(sar_inputs)
-        size = self.image_size
+        size, count = self.image_size, 0
 
         def forward(model, rgb, sar):
             return model.encode_images(_to_model_input(rgb, size),
                                        None if sar is None else _to_model_input(preprocess.sar_as_rgb(sar), size))
 
-        def batches():  # one compiled shape: the last batch wraps round (the maxima stay the same)
-            for start in range(0, len(rgb_all), self.batch_size):
-                take = np.arange(start, start + self.batch_size) % len(rgb_all)
-                yield jnp.asarray(rgb_all[take]), None if sar_all is None else jnp.asarray(sar_all[take])
+        def inputs():  # (rgb, sar or None) model inputs of one tile after another
+            nonlocal count
+            for rgb, sar in tiles:
+                rgb, sar = _check_pair(rgb, sar, self.config.use_sar, batched=False)
+                yield self._model_inputs(rgb, sar)
+                count += 1
+            if count == 0:
+                raise ValueError("calibrate_fp8 needs at least one tile")
 
-        summary = {"tiles": count, **fp8_inference.prepare(self.model, forward, batches())}
+        counts = fp8_inference.prepare(self.model, forward, _full_batches(inputs(), self.batch_size))
+        summary = {"tiles": count, **counts}
         graphdef, self._state = nnx.split(self.model)
         self._graph = _Graph(self.config, graphdef)
         self._text_cache.clear()

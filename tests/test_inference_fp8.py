@@ -18,7 +18,7 @@ import pytest
 from mmovseg_jax import predict
 from mmovseg_jax.data import preprocess
 from mmovseg_jax.evaluation.sliding_window import window_origins
-from mmovseg_jax.inference import Segmenter, _to_model_input
+from mmovseg_jax.inference import Segmenter, _full_batches, _to_model_input
 from mmovseg_jax.models import fp8_inference, params, storage
 from mmovseg_jax.ops.resize import resize_bilinear
 from tests.test_fp8 import _rel
@@ -86,6 +86,34 @@ def test_calibration_runs_the_inputs_prediction_runs(model_dir, static):  # noqa
     partial = Segmenter.load(model_dir, fp8=True).model
     fp8_inference.calibrate(partial, _forward, [(jnp.asarray(large_rgb[:2]), jnp.asarray(large_sar[:2]))])
     assert fp8_inference.input_amaxes(partial) != got
+
+
+def test_calibration_batches_are_full_and_wrap_round_to_the_first_rows():
+    def rows(start, n, sar=True):  # row i holds the value i in every pixel
+        values = np.arange(start, start + n, dtype=np.float32)[:, None, None]
+        return np.broadcast_to(values[..., None], (n, 2, 2, 3)), np.broadcast_to(values, (n, 2, 2)) if sar else None
+
+    def seen(batches):
+        out = [(np.asarray(r)[:, 0, 0, 0].tolist(), None if s is None else np.asarray(s)[:, 0, 0].tolist())
+               for r, s in batches]
+        assert all(s is None or s == r for r, s in out)  # rgb and sar rows stay paired
+        return [r for r, _ in out]
+
+    # 5 + 1 + 3 rows, 4 at a time: the last batch is row 8, then rows 0, 1, 2
+    assert seen(_full_batches(iter([rows(0, 5), rows(5, 1), rows(6, 3)]), 4)) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 0, 1, 2]]
+    assert seen(_full_batches(iter([rows(0, 4), rows(4, 4)]), 4)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # fewer rows than a batch: they cycle; RGB-only inputs give None for SAR
+    assert seen(_full_batches(iter([rows(0, 2, sar=False)]), 5)) == [[0, 1, 0, 1, 0]]
+    assert list(_full_batches(iter([]), 4)) == []
+
+
+def test_a_bad_tile_after_good_ones_leaves_the_model_uncalibrated(model_dir):  # noqa: F811
+    seg = Segmenter.load(model_dir, fp8=True, batch_size=4)
+    tiles = (t for t in [tile(*LARGE, seed=0), (tile(SIZE, SIZE)[0], None)])  # a generator; the 2nd lacks SAR
+    with pytest.raises(ValueError, match="SAR branch"):
+        seg.calibrate_fp8(tiles)
+    assert seg.fp8 == "on" and fp8_inference.input_amaxes(seg.model) == {}
 
 
 def test_static_segmenter_stays_as_close_to_bf16_as_float8_does(model_dir, plain, static):  # noqa: F811
