@@ -257,25 +257,6 @@ def test_compile_for_gpu_finds_the_float8_gemms(tmp_path):
 
 @pytest.mark.skipif(not _cuda_plugin_present(), reason="needs jaxlib's CUDA plugin and NVIDIA wheels (about 5 GB; "
                     "see benchmarks/compile_for_gpu.py), not part of requirements.txt")
-def test_compile_for_gpu_student_gelu_in_the_fc1_epilogue(tmp_path):
-    """Deviceless compile of the CMU step with fast numerics for an H200 in the cuBLAS form:
-    the student's tanh GELU keeps only its input for the backward pass
-    (layers.keeps_only_its_input), so cuBLASLt applies it in each full-width fc1 GEMM's
-    epilogue and writes the pre-activation beside it (BIAS_GELU_AUX). While autodiff kept
-    the GELU's intermediates, XLA ran the GELU as a separate pass (44.0 GB outside GEMMs
-    and attention, against 37.2 GB now). With float8 GEMMs the step still compiles: there
-    the activation keeps plain autodiff (layers.mlp_activation), as XLA's float8 GEMMs
-    cannot emit the auxiliary output it would otherwise fold in."""
-    out = _run(["benchmarks/compile_for_gpu.py", "--steps", "cmu224_fast,cmu224_fast_fp8", "--out", str(tmp_path)],
-               timeout=900, XLA_FLAGS="--xla_gpu_enable_triton_gemm=false")
-    fast = (tmp_path / "cmu224_fast.hlo.txt").read_text()
-    assert fast.count('"epilogue":"BIAS_GELU_AUX"') >= 11, out[-2000:]
-    memory_bound = float([line for line in out.splitlines() if line.startswith("| cmu224_fast")][0].split("|")[9])
-    assert memory_bound < 40, out[-2000:]
-
-
-@pytest.mark.skipif(not _cuda_plugin_present(), reason="needs jaxlib's CUDA plugin and NVIDIA wheels (about 5 GB; "
-                    "see benchmarks/compile_for_gpu.py), not part of requirements.txt")
 def test_compile_for_gpu_float8_inference_forms(tmp_path):
     """Deviceless compile of DEF inference (B, 384 px, batch 8) for an H200 in the cuBLAS
     form, float8 with current and with static scales. Both compile: with fc1's output as

@@ -39,32 +39,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": quick_gelu,
 }
 
-
-def keeps_only_its_input(activation: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
-    """`activation` whose backward pass keeps only its input, the MLP's pre-activation
-    (which the fc1 GEMM writes anyway), and recomputes the rest (jax.checkpoint): the
-    same values and gradients (tests/test_fast_paths.py). Plain autodiff saved an
-    intermediate of the GELU as large as the hidden activations, one more write in the
-    forward pass and one more read in the backward. Compiled for an H200 (deviceless,
-    cuBLAS GEMMs) the CMU step at 224 px moved 3.4 GB fewer per step outside GEMMs and
-    attention (60.1 -> 56.6 GB; 82.7 -> 79.3 GB with float8 GEMMs); with the tanh GELU,
-    cuBLASLt then applies the GELU in the student's fc1 epilogue too (BIAS_GELU_AUX):
-    44.0 -> 37.2 GB. Inference is unchanged (nothing to keep without a backward pass)."""
-    return jax.checkpoint(activation)
-
-
-_KEEPING_ONLY_INPUT = {name: keeps_only_its_input(fn) for name, fn in ACTIVATIONS.items()}
-
-
-def mlp_activation(name: str, fp8: bool) -> Callable[[jax.Array], jax.Array]:
-    """The activation between an MLP's two layers: ACTIVATIONS[name] keeping only its input
-    for the backward pass (`keeps_only_its_input`), except the tanh GELU after a float8
-    fc1: XLA (jax 0.10.2, H200 target) then folds it into the float8 GEMM with an
-    auxiliary output, which its float8 GEMMs cannot emit (the compile fails:
-    "RET_CHECK failure ... !has_aux_output"), so that one keeps plain autodiff."""
-    return ACTIVATIONS[name] if fp8 and name == "gelu_tanh" else _KEEPING_ONLY_INPUT[name]
-
-
 # The GELU of the DINO encoders: "exact" (erf, what the checkpoints were trained with) or
 # "tanh" (its tanh approximation, within about 1e-3 of it; cuBLASLt can apply it in the
 # fc1 GEMM's epilogue, saving a pass over the MLP's hidden activations on a GPU).
@@ -350,12 +324,11 @@ class MLP(nnx.Module):
         as rows, XLA (jax 0.10.2, H200 target) folds the amax of the activation into fc1's
         GEMM and also feeds the scale made from it back into the same GEMM, and the
         compile fails ("A cycle is detected")."""
-        activation = mlp_activation(self.activation, self.fc1.fp8)
         if self.fc1.fp8 and not self.fc1.frozen:
-            return self.fc2(activation(self.fc1(x)))
+            return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
         rows = as_rows(x)
         pad = -rows.shape[0] % FP8_ROWS if self.fc1.frozen else 0
-        hidden = activation(self.fc1(jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows))
+        hidden = ACTIVATIONS[self.activation](self.fc1(jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows))
         return self.fc2(hidden)[:rows.shape[0]].reshape(x.shape)
 
 
