@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 import common  # noqa: E402
 import hlo_traffic  # noqa: E402
 from configs import cmu as cmu_configs  # noqa: E402
-from mmovseg_jax.models import dino, storage  # noqa: E402
+from mmovseg_jax.models import dino, layers, storage  # noqa: E402
 from mmovseg_jax.train import cmu, sharding  # noqa: E402
 
 # Per variant: the teacher/student architecture and the default image sizes.
@@ -254,8 +254,9 @@ def main(argv=None) -> list[dict]:
                    help="config.model.teacher_fp8: the frozen teacher's GEMMs in float8 with static scales, "
                         "calibrated on random tiles (changes results; off, the default), or a row of each")
     common.add_fast_numerics_arg(p)
-    p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
-                   help="config.remat: recompute the student's block activations in the backward pass")
+    p.add_argument("--remat", default="none",
+                   help=f"config.remat, comma list of {', '.join(layers.REMAT_POLICIES)} (a row each): recompute "
+                        "some of the student's block activations in the backward pass")
     p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op "
                                                           "(jax.profiler) and print the top ops")
     p.add_argument("--measure-peak", action="store_true",
@@ -293,19 +294,23 @@ def main(argv=None) -> list[dict]:
     if measured:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
     choices = common.ON_OFF
+    remats = [r.strip() for r in args.remat.split(",")]
+    for r in remats:
+        if r not in layers.REMAT_POLICIES:
+            p.error(f"--remat: {r!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
     rows = []
     teacher_choices = ("off", "static") if args.teacher_fp8 == "both" else (args.teacher_fp8,)
-    for size, attention, shortcut, fp8, fast, teacher_fp8 in itertools.product(
+    for size, attention, shortcut, fp8, fast, teacher_fp8, remat in itertools.product(
             sizes, attentions, choices[args.cls_shortcut], choices[args.fp8], choices[args.fast_numerics],
-            teacher_choices):
+            teacher_choices, remats):
         try:
             rows.append(bench_one(args.variant, size, batches[size], attention, args.dtype, args.steps,
-                                  args.warmup, peak, shortcut, measured, args.profile, args.remat, fp8, args.hlo_dir,
+                                  args.warmup, peak, shortcut, measured, args.profile, remat, fp8, args.hlo_dir,
                                   fast, teacher_fp8))
         except Exception as e:  # e.g. cuDNN refusing a shape: say so and go on
             rows.append({"impl": "jax", "attention": attention, "size": size, "batch": batches[size],
                          "cls shortcut": "on" if shortcut else "off", "fp8": "on" if fp8 else "off",
-                         "teacher fp8": teacher_fp8, "fast numerics": "on" if fast else "off",
+                         "teacher fp8": teacher_fp8, "fast numerics": "on" if fast else "off", "remat": remat,
                          "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})
         print(f"  done: {json.dumps({k: v for k, v in rows[-1].items() if k != 'profile'}, default=str)}",
               flush=True)

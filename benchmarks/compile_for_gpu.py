@@ -50,12 +50,15 @@ from mmovseg_jax.train import cmu, loop, optim, sharding  # noqa: E402
 # Per card: (SMs, HBM bytes/s, memory bytes, description); the rest is Hopper's (sm_90).
 CARDS = {"h200": (132, 4.8e12, 141 * 2 ** 30, "NVIDIA H200"), "h100": (132, 3.35e12, 80 * 2 ** 30,
                                                                       "NVIDIA H100 80GB HBM3")}
-# NAME[_fast][_fp8|_fp8static|_tfp8static]: _fast with common.FAST_NUMERICS (bf16 residual
+# NAME[_fast][_fp8|_fp8static|_tfp8static][_actremat]: _fast with common.FAST_NUMERICS (bf16 residual
 # stream, tanh GELU), _fp8 with float8 block GEMMs (current scaling), _fp8static with float8
 # layers calibrated and frozen (inference only; def_step.freeze_fp8 runs the model once
 # on the CPU first, so these take a minute longer), _tfp8static the CMU step with only its
-# frozen teacher so (config.model.teacher_fp8 = "static"; calibrated on the CPU first too).
+# frozen teacher so (config.model.teacher_fp8 = "static"; calibrated on the CPU first too);
+# _actremat the CMU step with config.remat = "activation" (not with _fast_fp8: cmu.student_remat
+# refuses that, XLA fails to compile it).
 STEPS = ("cmu224", "cmu224_fp8", "cmu224_fast", "cmu224_fast_fp8", "cmu224_tfp8static", "cmu224_fast_tfp8static",
+         "cmu224_actremat", "cmu224_fast_actremat", "cmu224_fp8_actremat",
          "def_infer", "def_infer_fp8", "def_infer_fast", "def_infer_fast_fp8", "def_infer_fp8static",
          "def_infer_fast_fp8static")
 COLUMNS = ("step", "compile s", "GEMM calls", "float8 GEMMs", "Triton GEMM fusions", "attention calls",
@@ -100,11 +103,11 @@ def _on(mesh, tree, spec_of=None):
 
 
 def lower_cmu(mesh, fp8: bool, fast_numerics: bool = False, size: int = 224, batch: int = 128,
-              teacher_fp8: str = "off"):
+              teacher_fp8: str = "off", remat: str = "none"):
     """The CMU step of `cmu_step.py` (B/16 teacher and student, cuDNN attention, CLS
     shortcut), lowered on abstract inputs (a teacher in static float8 is built, calibrated
-    on the CPU and frozen first)."""
-    config = cmu_step.make_config("B16", size, batch, "bfloat16", True, "none", fp8, fast_numerics, teacher_fp8)
+    on the CPU and frozen first). remat: config.remat (layers.REMAT_POLICIES)."""
+    config = cmu_step.make_config("B16", size, batch, "bfloat16", True, remat, fp8, fast_numerics, teacher_fp8)
     tcfg = cmu_step.teacher_config(config, "cudnn")
     if teacher_fp8 == "static":
         teacher = cmu_step.build_teacher(config, tcfg)
@@ -176,12 +179,19 @@ def main(argv=None) -> list[dict]:
     bandwidth = CARDS[args.card][1]
     rows = []
     for name in steps:
-        fp8 = "static" if name.endswith("_fp8static") else "on" if name.endswith("_fp8") else "off"
-        fast, teacher_fp8 = "_fast" in name, "static" if name.endswith("_tfp8static") else "off"
-        lower = (lambda: lower_cmu(mesh, fp8 == "on", fast, teacher_fp8=teacher_fp8)) if name.startswith("cmu224") \
+        parts = name.split("_")[1:]
+        fp8 = "static" if "fp8static" in parts else "on" if "fp8" in parts else "off"
+        fast, teacher_fp8 = "fast" in parts, "static" if "tfp8static" in parts else "off"
+        remat = "activation" if "actremat" in parts else "none"
+        lower = (lambda: lower_cmu(mesh, fp8 == "on", fast, teacher_fp8=teacher_fp8, remat=remat)) \
+            if name.startswith("cmu224") \
             else (lambda: lower_def(mesh, fp8, fast))
-        rows.append(compile_row(name, lower, args.out, bandwidth))
-        print(f"  done: {name} in {rows[-1]['compile s']:.0f} s", flush=True)
+        try:
+            rows.append(compile_row(name, lower, args.out, bandwidth))
+            print(f"  done: {name} in {rows[-1]['compile s']:.0f} s", flush=True)
+        except Exception as e:  # XLA refusing one step (e.g. a RET_CHECK) must not lose the others' rows
+            rows.append({"step": name, "compile s": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            print(f"  FAILED: {name}: {rows[-1]['compile s']}", flush=True)
     print(f"deviceless compile for {CARDS[args.card][3]}: jax {jax.__version__}, cuDNN wheel "
           f"{'.'.join(map(str, _version('nvidia-cudnn-cu12', (0, 0))))}, cuDNN attention tokens padded to a "
           f"multiple of {layers.CUDNN_PAD_MULTIPLE}, XLA_FLAGS="

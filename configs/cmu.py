@@ -80,8 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # release does.
     c.cls_shortcut = True
     # Activation memory of the student's blocks in the backward pass: none (keep all),
-    # full (keep block inputs, recompute the rest: ~1 more forward of compute) or dots
-    # (keep weight-matmul outputs). Same numbers; for batches that do not fit otherwise.
+    # activation (keep all but the MLP GELU's intermediates, recomputed from its input:
+    # less memory traffic, a speed option), full (keep block inputs, recompute the rest:
+    # ~1 more forward of compute) or dots (keep weight-matmul outputs). The same numbers
+    # up to float rounding; full and dots are for batches that do not fit otherwise.
     c.remat = "none"
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=40, schedule="cosine",

@@ -7,14 +7,16 @@
 - DINO's `cls_only` (deepest block's output projection and MLP for the leading token rows
   only) gives the CLS token of the full forward pass, values and parameter gradients.
 - The CMU train step with `config.cls_shortcut` on equals it off (loss, updated weights).
-- Rematerialised blocks (`remat` full / dots) give the same values and gradients, and cut
-  the CMU step's compiled activation memory.
+- Rematerialised blocks (`remat` activation / full / dots) give the same values and
+  gradients, and cut the CMU step's compiled activation memory; under "activation" the
+  MLP keeps two (rows, hidden) arrays for its backward pass, not 4-6, and gives the plain
+  MLP's values and gradients bit for bit.
 """
 
 from __future__ import annotations
 
-
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -90,9 +92,9 @@ def _cmu_step(c):
     return step, s.state, s.teacher_params, mesh
 
 
-def _cmu_run(cls_shortcut: bool, steps: int = 2):
+def _cmu_run(cls_shortcut: bool, steps: int = 2, remat: str = "none"):
     c = cmu_configs.get_config()
-    c.cls_shortcut = cls_shortcut
+    c.cls_shortcut, c.remat = cls_shortcut, remat
     c.loss.embedding, c.loss.symmetric = "cls", True
     c.model.update(width=32, depth=2, num_heads=2, image_size=32)
     c.blocks = (0, 1)
@@ -118,6 +120,30 @@ def test_cmu_step_cls_shortcut_changes_nothing():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
+def test_cmu_step_with_activation_remat_changes_nothing():
+    with jax.default_matmul_precision("highest"):
+        plain_losses, plain_params = _cmu_run(True)
+        losses, params = _cmu_run(True, remat="activation")
+    np.testing.assert_allclose(losses, plain_losses, atol=1e-6, rtol=0)
+    assert plain_losses[0] != plain_losses[1]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_student_remat_refuses_bad_choices():
+    c = cmu_configs.get_config()
+    c.remat = "activations"
+    with pytest.raises(ValueError, match=r"config.remat: 'activations' is not one of none, activation, full, dots"):
+        cmu.student_remat(c)
+    c.remat = "activation"
+    c.model.update(dtype="bfloat16", fp8=True, gelu="tanh")
+    with pytest.raises(ValueError, match=r"config.remat = 'activation' with config.model.fp8 = True and "
+                                         r"config.model.gelu = 'tanh'"):
+        cmu.student_remat(c)
+    c.model.gelu = "exact"
+    assert cmu.student_remat(c) == "activation"
+
+
 @pytest.mark.parametrize("family", ["dino", "dinov3"])
 def test_remat_keeps_values_and_gradients(family):
     if family == "dino":
@@ -132,7 +158,7 @@ def test_remat_keeps_values_and_gradients(family):
         return sum(jnp.sum(jnp.sin(o)) for o in nnx.merge(graphdef, p)(x, (0, 2), remat=remat))
 
     ref_loss, ref = jax.value_and_grad(loss)(params, "none")
-    for policy in ("full", "dots"):
+    for policy in ("activation", "full", "dots"):
         value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, policy)
         np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
@@ -143,6 +169,41 @@ def test_remat_keeps_values_and_gradients(family):
             np.testing.assert_allclose(np.asarray(g), r, atol=1e-6 * max(1.0, float(np.abs(r).max())), rtol=1e-5)
     with pytest.raises(ValueError, match="remat policy"):
         model(x, (0,), remat="some")
+
+
+@pytest.mark.parametrize("activation", sorted(layers.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_activation_remat_keeps_only_the_activations_input(activation, dtype, capsys):
+    """Under remat="activation" the MLP's activation is recomputed from its input (the fc1
+    output) in the backward pass: the same values and gradients as plain autodiff, bit
+    for bit, eager and jitted, with two saved (rows, hidden) arrays instead of 4-6."""
+    mlp = layers.MLP(32, 96, activation, dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(mlp)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 * rng.standard_normal((2, 32, 32)), dtype)
+    g = jnp.asarray(rng.standard_normal((2, 32, 32)), dtype)
+
+    def forward(policy):
+        return lambda p, h: layers.rematted(lambda m, y: m(y), policy)(nnx.merge(graphdef, p), h)
+
+    for wrap in (lambda f: f, jax.jit):
+        y, vjp = jax.vjp(wrap(forward("activation")), params, x)
+        y_plain, vjp_plain = jax.vjp(wrap(forward("none")), params, x)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_plain, np.float32))
+        for a, b in zip(jax.tree.leaves(vjp(g)), jax.tree.leaves(vjp_plain(g))):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    hidden = f"{'f32' if dtype == jnp.float32 else 'bf16'}[64,96]"
+    jax.ad_checkpoint.print_saved_residuals(forward("activation"), params, x)
+    ours = capsys.readouterr().out
+    jax.ad_checkpoint.print_saved_residuals(forward("none"), params, x)
+    plain = capsys.readouterr().out
+    # fc1's output (the activation's input) and the activation's output (fc2's kernel
+    # gradient needs it whatever the policy); plain autodiff also keeps the activation's
+    # intermediates (gelu and quick_gelu: 4 in all, gelu_tanh: 6)
+    assert ours.count(hidden) == 2, ours
+    assert plain.count(hidden) >= 4, plain
+    # the choice holds only while the blocks are traced under the policy
+    assert layers.mlp_activation(activation) is layers.ACTIVATIONS[activation]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA's CPU buffer assignment does not show remat's "

@@ -113,8 +113,8 @@ class Model(nnx.Module):
         passed through the final LayerNorm when `norm` is set. With `cls_only` each is
         the CLS token alone, (B, 1, D), the same values: the deepest requested block's
         output projection and MLP then run for its first CLS_SHORTCUT_ROWS tokens only,
-        since no other token of it is read. `remat` ("none" | "full" | "dots", see
-        layers.rematted) trades the blocks' stored activations for recomputation when
+        since no other token of it is read. `remat` ("none" | "activation" | "full" |
+        "dots", see layers.rematted) trades the blocks' stored activations for recomputation when
         differentiating.
         """
         wanted = layers.normalize_block_indices(block_indices, self.config.depth)

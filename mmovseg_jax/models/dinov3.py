@@ -208,7 +208,7 @@ class Mlp(nnx.Module):
         self.activation = layers.gelu_activation(config.gelu)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(layers.ACTIVATIONS[self.activation](self.fc1(x)))
+        return self.fc2(layers.mlp_activation(self.activation)(self.fc1(x)))
 
 
 class SwiGLU(nnx.Module):

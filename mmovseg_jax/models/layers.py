@@ -8,8 +8,10 @@ compute in float32, and the residual stream is float32 unless an encoder's
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,31 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # torch nn.GELU(approximate="tanh")
     "quick_gelu": quick_gelu,
 }
+
+# Set while tracing blocks under the "activation" remat policy (see `rematted`): the MLPs
+# traced then keep only their activation's input for the backward pass.
+_ACTIVATION_KEEPS_ONLY_ITS_INPUT = contextvars.ContextVar("activation_keeps_only_its_input", default=False)
+
+
+def mlp_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The MLP activation ACTIVATIONS[name], elementwise on (rows, hidden). Traced under
+    the "activation" remat policy, it is wrapped in jax.checkpoint: its backward pass then
+    keeps only its input (the fc1 output, which exists anyway) and recomputes the rest,
+    where plain autodiff keeps intermediates as large as the hidden activations (the tanh
+    GELU: four more). The same values and gradients as the plain activation, bit for bit
+    (tests/test_fast_paths.py); inside a whole jitted step XLA may fuse, and so round,
+    differently, which is why it is an option and not the default."""
+    activation = ACTIVATIONS[name]
+    return jax.checkpoint(activation) if _ACTIVATION_KEEPS_ONLY_ITS_INPUT.get() else activation
+
+
+@contextlib.contextmanager
+def _activations_keep_only_their_input() -> Iterator[None]:
+    token = _ACTIVATION_KEEPS_ONLY_ITS_INPUT.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVATION_KEEPS_ONLY_ITS_INPUT.reset(token)
 
 # The GELU of the DINO encoders: "exact" (erf, what the checkpoints were trained with) or
 # "tanh" (its tanh approximation, within about 1e-3 of it; cuBLASLt can apply it in the
@@ -324,11 +351,12 @@ class MLP(nnx.Module):
         as rows, XLA (jax 0.10.2, H200 target) folds the amax of the activation into fc1's
         GEMM and also feeds the scale made from it back into the same GEMM, and the
         compile fails ("A cycle is detected")."""
+        activation = mlp_activation(self.activation)
         if self.fc1.fp8 and not self.fc1.frozen:
-            return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+            return self.fc2(activation(self.fc1(x)))
         rows = as_rows(x)
         pad = -rows.shape[0] % FP8_ROWS if self.fc1.frozen else 0
-        hidden = ACTIVATIONS[self.activation](self.fc1(jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows))
+        hidden = activation(self.fc1(jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows))
         return self.fc2(hidden)[:rows.shape[0]].reshape(x.shape)
 
 
@@ -452,21 +480,29 @@ class PatchEmbed(nnx.Module):
         return x, (gh, gw)
 
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "activation", "full", "dots")
 
 
 def rematted(call: Callable, policy: str) -> Callable:
-    """`call(block, *arrays)` made to recompute its activations in the backward pass.
+    """`call(block, *arrays)` made to recompute some of its activations in the backward pass.
 
-    policy: "none" (keep every activation: fastest, most memory), "full" (keep only the
-    block's inputs, recompute the rest: about one more forward pass of compute) or "dots"
-    (keep the outputs of the weight matmuls, recompute attention scores and elementwise
-    work). Values and gradients do not change; only memory and time do.
+    policy: "none" (keep every activation: fastest, most memory), "activation" (keep
+    every activation but the MLP activation's intermediates, recomputed from its input,
+    `mlp_activation`: less memory traffic for one elementwise pass of recompute), "full"
+    (keep only the block's inputs, recompute the rest: about one more forward pass of
+    compute) or "dots" (keep the outputs of the weight matmuls, recompute attention
+    scores and elementwise work). Values and gradients do not change beyond float
+    rounding (XLA fuses the recomputation differently); only memory and time do.
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
     if policy == "none":
         return call
+    if policy == "activation":
+        def traced_so(*args):
+            with _activations_keep_only_their_input():
+                return call(*args)
+        return traced_so
     saveable = {"full": jax.checkpoint_policies.nothing_saveable,
                 "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
     return nnx.remat(call, policy=saveable)

@@ -126,6 +126,22 @@ def teacher_fp8(config: ml_collections.ConfigDict) -> str:
     return choice
 
 
+def student_remat(config: ml_collections.ConfigDict) -> str:
+    """config.remat ("none" when absent), the student's policy (layers.rematted), refused
+    with the field's name if not one of layers.REMAT_POLICIES. "activation" with float8
+    GEMMs (config.model.fp8) and the tanh GELU is refused too: XLA's GPU compiler (jax
+    0.10.2, H200 target) folds the recomputed GELU into a float8 GEMM with an auxiliary
+    output those GEMMs cannot emit and fails ("RET_CHECK ... !has_aux_output")."""
+    policy = config.get("remat", "none")
+    if policy not in layers.REMAT_POLICIES:
+        raise ValueError(f"config.remat: {policy!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
+    kernels = storage.kernel_choices(config.model)
+    if policy == "activation" and kernels["fp8"] and kernels["gelu"] == "tanh":
+        raise ValueError("config.remat = 'activation' with config.model.fp8 = True and config.model.gelu = 'tanh' "
+                         "does not compile for a GPU (XLA: RET_CHECK !has_aux_output); drop one of the three")
+    return policy
+
+
 def student_config(teacher_config: dino.Config | dinov3.Config, config: ml_collections.ConfigDict):
     """The student's encoder config: the teacher's, with config.model's own float8 choice
     (a teacher in static float8 does not make the student float8)."""
@@ -173,10 +189,9 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
     without gradients; only the aligner's parameters have optimiser state. The new state
     keeps `state_shardings`; the state passed in is donated."""
     # The student's blocks may recompute their activations in the backward pass
-    # (config.remat: none | full | dots) to fit larger batches; the teacher keeps none anyway.
-    student_remat = config.get("remat", "none")
-    if student_remat not in layers.REMAT_POLICIES:
-        raise ValueError(f"config.remat: {student_remat!r} is not one of {layers.REMAT_POLICIES}")
+    # (config.remat: none | activation | full | dots, layers.rematted) to fit larger batches or
+    # move fewer bytes; the teacher keeps none anyway.
+    remat = student_remat(config)
 
     # FSDP: weights are gathered whole for the forward and backward passes, gradients are
     # reduce-scattered back to the parameters' shards; activations stay split by batch.
@@ -190,7 +205,7 @@ def make_train_step(aligner_def, teacher_def, tx: optax.GradientTransformation, 
 
         def loss_fn(p):
             aligner = nnx.merge(aligner_def, jax.lax.with_sharding_constraint(p, gathered))
-            student_tokens = encoder_tokens(aligner.student, sar, config, student_remat)
+            student_tokens = encoder_tokens(aligner.student, sar, config, remat)
             loss = alignment_loss(aligner, student_tokens, teacher_tokens, config.loss, mesh)
             return loop.inject_nan(loss, state["step"], config.faults)
 
