@@ -274,6 +274,10 @@ def main(argv=None) -> list[dict]:
     pad_label = common.apply_cudnn_pad(args.cudnn_pad_multiple)
     sizes = [int(s) for s in (args.sizes.split(",") if args.sizes else VARIANTS[args.variant]["sizes"])]
     attentions = [a.strip() for a in args.attention.split(",")]
+    remats = [r.strip() for r in args.remat.split(",")]
+    for r in remats:
+        if r not in layers.REMAT_POLICIES:
+            p.error(f"--remat: {r!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
     batches = {s: args.batch or ANCHOR_BATCH.get(s, 128) for s in sizes}
 
     torch_info, anchor_results = {"skipped": "--torch off"}, []
@@ -294,10 +298,6 @@ def main(argv=None) -> list[dict]:
     if measured:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
     choices = common.ON_OFF
-    remats = [r.strip() for r in args.remat.split(",")]
-    for r in remats:
-        if r not in layers.REMAT_POLICIES:
-            p.error(f"--remat: {r!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
     rows = []
     teacher_choices = ("off", "static") if args.teacher_fp8 == "both" else (args.teacher_fp8,)
     for size, attention, shortcut, fp8, fast, teacher_fp8, remat in itertools.product(
