@@ -56,13 +56,16 @@ CARDS = {"h200": (132, 4.8e12, 141 * 2 ** 30, "NVIDIA H200"), "h100": (132, 3.35
 # on the CPU first, so these take a minute longer), _tfp8static the CMU step with only its
 # frozen teacher so (config.model.teacher_fp8 = "static"; calibrated on the CPU first too);
 # _actremat the CMU step with config.remat = "activation" (not with _fast_fp8: cmu.student_remat
-# refuses that, XLA fails to compile it).
+# refuses that, XLA fails to compile it); def_train the DEF train step (def_step.py's, batch
+# --def-train-batch), _actremat / _fullremat / _dotsremat with config.remat = activation / full / dots.
 STEPS = ("cmu224", "cmu224_fp8", "cmu224_fast", "cmu224_fast_fp8", "cmu224_tfp8static", "cmu224_fast_tfp8static",
          "cmu224_actremat", "cmu224_fast_actremat", "cmu224_fp8_actremat",
          "def_infer", "def_infer_fp8", "def_infer_fast", "def_infer_fast_fp8", "def_infer_fp8static",
-         "def_infer_fast_fp8static")
+         "def_infer_fast_fp8static",
+         "def_train", "def_train_actremat", "def_train_fullremat", "def_train_dotsremat", "def_train_fp8_actremat")
+REMAT_TOKENS = {"actremat": "activation", "fullremat": "full", "dotsremat": "dots"}
 COLUMNS = ("step", "compile s", "GEMM calls", "float8 GEMMs", "Triton GEMM fusions", "attention calls",
-           "other kernels", "GB moved", "memory-bound GB", "memory-bound ms at bandwidth")
+           "other kernels", "GB moved", "memory-bound GB", "memory-bound ms at bandwidth", "temp GiB")
 
 
 def _version(package: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -138,6 +141,22 @@ def lower_def(mesh, fp8: str, fast_numerics: bool = False, batch: int = 8, class
     return fn.lower(_on(mesh, state), *_on(mesh, [image, image, text]))
 
 
+def lower_def_train(mesh, fp8: bool, fast_numerics: bool = False, batch: int = 8, classes: int = 8,
+                    remat: str = "none"):
+    """The DEF train step of `def_step.py` (variant B, 384 px, cuDNN attention, CLIP q/v
+    trainable, DINOs frozen, AdamW), lowered on abstract inputs. remat: config.remat."""
+    cfg = def_step.model_config("B", "bfloat16", "cudnn", fp8, fast_numerics)
+    config = def_step.train_config("B", batch, "bfloat16", remat)
+    step, state, frozen, _ = def_step.build_train(cfg, config, True, mesh)
+    s = cfg.image_size
+    batch_sharding = sharding.batch_sharding(mesh)
+    u8 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=batch_sharding)  # noqa: E731
+    batch_in = {"rgb": u8((batch, s, s, 3)), "sar": u8((batch, s, s)), "label": u8((batch, s, s))}
+    tokens = jax.ShapeDtypeStruct((classes, len(cfg.templates), cfg.clip.text.context_length), jnp.int32)
+    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
+    return step.lower(_on(mesh, state, state_shardings), _on(mesh, frozen), batch_in, _on(mesh, tokens))
+
+
 def compile_row(name: str, lower, out: Path | None, bandwidth: float) -> dict:
     start = time.perf_counter()
     compiled = lower().compile()
@@ -153,7 +172,7 @@ def compile_row(name: str, lower, out: Path | None, bandwidth: float) -> dict:
             "other kernels": int(sum(r["count"] for k, r in table.items()
                                      if not k.startswith("gemm") and k != "attention")),
             "GB moved": sum(r["gb"] for r in table.values()), "memory-bound GB": memory,
-            "memory-bound ms at bandwidth": 1e3 * memory * 1e9 / bandwidth}
+            "memory-bound ms at bandwidth": 1e3 * memory * 1e9 / bandwidth, "temp GiB": common.temp_gib(compiled)}
 
 
 def main(argv=None) -> list[dict]:
@@ -161,6 +180,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
     p.add_argument("--card", default="h200", choices=sorted(CARDS))
     p.add_argument("--out", type=Path, default=None, help="write each optimised HLO here (NAME.hlo.txt)")
+    p.add_argument("--def-train-batch", type=int, default=8, help="tiles per def_train step (default 8)")
     common.add_cudnn_pad_arg(p)
     args = p.parse_args(argv)
     common.apply_cudnn_pad(args.cudnn_pad_multiple)
@@ -182,10 +202,13 @@ def main(argv=None) -> list[dict]:
         parts = name.split("_")[1:]
         fp8 = "static" if "fp8static" in parts else "on" if "fp8" in parts else "off"
         fast, teacher_fp8 = "fast" in parts, "static" if "tfp8static" in parts else "off"
-        remat = "activation" if "actremat" in parts else "none"
-        lower = (lambda: lower_cmu(mesh, fp8 == "on", fast, teacher_fp8=teacher_fp8, remat=remat)) \
-            if name.startswith("cmu224") \
-            else (lambda: lower_def(mesh, fp8, fast))
+        remat = next((REMAT_TOKENS[t] for t in parts if t in REMAT_TOKENS), "none")
+        if name.startswith("cmu224"):
+            lower = lambda: lower_cmu(mesh, fp8 == "on", fast, teacher_fp8=teacher_fp8, remat=remat)  # noqa: E731
+        elif name.startswith("def_train"):
+            lower = lambda: lower_def_train(mesh, fp8 == "on", fast, args.def_train_batch, remat=remat)  # noqa: E731
+        else:
+            lower = lambda: lower_def(mesh, fp8, fast)  # noqa: E731
         try:
             rows.append(compile_row(name, lower, args.out, bandwidth))
             print(f"  done: {name} in {rows[-1]['compile s']:.0f} s", flush=True)

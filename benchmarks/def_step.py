@@ -71,8 +71,9 @@ MODES = ("inference", "train", "encoders")
 # static before on (a GPU session's stage may run out of time before its last rows).
 FP8_MODES = {"off": ("off",), "on": ("on",), "static": ("static",), "both": ("off", "on"),
              "all": ("off", "static", "on")}
-COLUMNS = ("mode", "attention", "fp8", "f8 GEMMs", "fast numerics", "size", "batch", "classes", "step ms", "tiles/s", "TFLOP/s", "MFU",
-           "GFLOP/tile", "enc TFLOP/tile", "enc MFU", "enc MFU vs measured", "compile s")
+COLUMNS = ("mode", "attention", "fp8", "f8 GEMMs", "fast numerics", "remat", "size", "batch", "classes", "step ms",
+           "tiles/s", "TFLOP/s", "MFU", "GFLOP/tile", "enc TFLOP/tile", "enc MFU", "enc MFU vs measured", "temp GiB",
+           "compile s")
 
 
 def model_config(variant: str, dtype: str, attention: str, fp8: bool = False,
@@ -92,11 +93,13 @@ def encoder_flops(cfg: mmovseg.Config) -> float:
     return total + dino_one * (2 if cfg.use_sar else 1)
 
 
-def train_config(variant: str, batch: int, dtype: str):
-    """configs/def.py "pie_cloud" (the paper's training settings) on random weights."""
+def train_config(variant: str, batch: int, dtype: str, remat: str = "none"):
+    """configs/def.py "pie_cloud" (the paper's training settings) on random weights, with
+    config.remat = `remat`."""
     c = def_configs.get_config("pie_cloud")
     c.model.variant, c.model.dtype, c.model.require_pretrained = variant, dtype, False  # the model is built here
     c.global_batch_size = batch
+    c.remat = remat
     return c
 
 
@@ -110,10 +113,11 @@ def random_tokens(cfg: mmovseg.Config, classes: int, seed: int = 0) -> np.ndarra
     return ids.astype(np.int32)
 
 
-def build_train(cfg: mmovseg.Config, config, abstract: bool):
-    """(jitted train step, state, frozen) as def_stage.run builds them; with `abstract`
-    the model is never materialised (shapes only, for FLOP counting)."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+def build_train(cfg: mmovseg.Config, config, abstract: bool, mesh=None):
+    """(jitted train step, state, frozen, mesh) as def_stage.run builds them; with `abstract`
+    the model is never materialised (shapes only, for FLOP counting or compiling for
+    another backend's `mesh`; default: config.mesh over the local devices)."""
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     make = lambda: mmovseg.Model(cfg, rngs=nnx.Rngs(config.model.seed))  # noqa: E731
     model = nnx.eval_shape(make) if abstract else common.random_init(make, config.model.seed)
     graphdef, trainable, frozen = nnx.split(model, def_stage.is_trainable(config.clip_finetune), ...)
@@ -189,9 +193,9 @@ def lowered_flops(cfg_xla: mmovseg.Config, mode: str, batch: int, classes: int, 
 
 def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dtype: str, steps: int,
           warmup: int, peak: float | None, measured_peak: float | None = None, profile: bool = False,
-          fp8: str = "off", hlo_dir=None, fast_numerics: bool = False) -> dict:
+          fp8: str = "off", hlo_dir=None, fast_numerics: bool = False, remat: str = "none") -> dict:
     """Compiles and times one mode; with `profile`, splits its device time by XLA op.
-    fp8: "off" | "on" | "static" (FP8_MODES)."""
+    fp8: "off" | "on" | "static" (FP8_MODES). remat: config.remat of a train row."""
     cfg = model_config(variant, dtype, attention, fp8 != "off", fast_numerics)
     s = cfg.image_size
     if mode in ("inference", "encoders"):
@@ -204,11 +208,10 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         compile_s = time.perf_counter() - start
         step, carry = (lambda _: compiled(state, rgb, sar, text)), None
         seconds, _ = common.time_loop(step, carry, steps, warmup)
-        config = None
     elif fp8 == "static":
         raise ValueError("static float8 scales are for inference only")
     else:
-        config = train_config(variant, batch, dtype)
+        config = train_config(variant, batch, dtype, remat)
         step, state, frozen, mesh = build_train(cfg, config, False)
         batch_in, tokens = train_inputs(cfg, batch, classes, mesh)
         start = time.perf_counter()
@@ -218,19 +221,22 @@ def bench(mode: str, variant: str, batch: int, classes: int, attention: str, dty
         seconds, carry = common.time_loop(step, state, steps, warmup)
     hlo = compiled.as_text() if fp8 != "off" or hlo_dir is not None else ""  # rendered once, read twice
     common.write_hlo(hlo_dir, f"def_{variant}_{mode}_b{batch}_{attention}_fp8-{fp8}"
-                              f"_fast-{'on' if fast_numerics else 'off'}", hlo)
-    flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes,
-                          config if config is not None else train_config(variant, batch, dtype))
+                              f"_fast-{'on' if fast_numerics else 'off'}"
+                              + (f"_remat-{remat}" if mode == "train" else ""), hlo)
+    # model FLOPs: without remat, so that recomputation is not credited as work
+    flops = lowered_flops(model_config(variant, dtype, "xla"), mode, batch, classes, train_config(variant, batch, dtype))
     tflops = flops / seconds / 1e12 if flops else None
     enc_tflops = encoder_flops(cfg) * batch / seconds / 1e12
     row = {"mode": mode, "attention": attention, "fp8": fp8,
            "f8 GEMMs": hlo_traffic.float8_gemms(hlo) if fp8 != "off" else None,
-           "fast numerics": "on" if fast_numerics else "off", "size": s, "batch": batch,
+           "fast numerics": "on" if fast_numerics else "off", "remat": remat if mode == "train" else "-",
+           "size": s, "batch": batch,
            "classes": classes,
            "step ms": 1e3 * seconds, "tiles/s": batch / seconds, "TFLOP/s": tflops,
            "MFU": common.mfu_text(tflops, peak), "GFLOP/tile": flops / batch / 1e9 if flops else None,
            "enc TFLOP/tile": encoder_flops(cfg) / 1e12, "enc MFU": common.mfu_text(enc_tflops, peak),
-           "enc MFU vs measured": common.mfu_text(enc_tflops, measured_peak), "compile s": compile_s}
+           "enc MFU vs measured": common.mfu_text(enc_tflops, measured_peak),
+           "temp GiB": common.temp_gib(compiled), "compile s": compile_s}
     if profile:
         row["profile"] = common.kernel_profile(step, carry)
         print(common.profile_text(row["profile"], f"profile: DEF {mode}, batch {batch}, {attention}, fp8 "
@@ -254,6 +260,10 @@ def main(argv=None) -> list[dict]:
                         "current scaling, static = scales calibrated on one random batch and frozen (inference "
                         "only), both = off and on, all = the three; the f8 GEMMs column counts those XLA compiled")
     common.add_fast_numerics_arg(p)
+    p.add_argument("--remat", default="none",
+                   help=f"config.remat of the train rows, comma list of {', '.join(layers.REMAT_POLICIES)} (a row "
+                        "each): what CLIP's towers and the head's blocks recompute in the backward pass; the temp "
+                        "GiB column is the compiled step's scratch memory")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--profile", action="store_true", help="also split each row's device time by XLA op")
     p.add_argument("--measure-peak", action="store_true",
@@ -273,6 +283,10 @@ def main(argv=None) -> list[dict]:
     for a in args.attention.split(","):
         if a.strip() not in layers.ATTENTION_IMPLEMENTATIONS:
             p.error(f"unknown attention {a!r}; choose from {layers.ATTENTION_IMPLEMENTATIONS}")
+    remats = [r.strip() for r in args.remat.split(",")]
+    for r in remats:
+        if r not in layers.REMAT_POLICIES:
+            p.error(f"--remat: {r!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
 
     info = common.device_info()
     measured = common.measured_matmul_tflops() if args.measure_peak else None
@@ -280,14 +294,19 @@ def main(argv=None) -> list[dict]:
         print(f"measured bf16 matmul: {measured:.1f} TFLOP/s", flush=True)
     rows = []
     attentions = [a.strip() for a in args.attention.split(",")]
-    for mode, batch, attention, fp8, fast in itertools.product(modes, batches, attentions, FP8_MODES[args.fp8],
-                                                               common.ON_OFF[args.fast_numerics]):
+    runs = [(mode, batch, attention, fp8, fast, remat)
+            for mode, batch, attention, fp8, fast in itertools.product(modes, batches, attentions, FP8_MODES[args.fp8],
+                                                                       common.ON_OFF[args.fast_numerics])
+            for remat in (remats if mode == "train" else ["none"])]
+    for mode, batch, attention, fp8, fast, remat in runs:
         try:
             rows.append(bench(mode, args.variant, batch, classes, attention, args.dtype, args.steps,
-                              args.warmup, info["peak_tflops"], measured, args.profile, fp8, args.hlo_dir, fast))
+                              args.warmup, info["peak_tflops"], measured, args.profile, fp8, args.hlo_dir, fast,
+                              remat))
         except Exception as e:  # e.g. cuDNN refusing a shape, out of memory: say so and go on
             rows.append({"mode": mode, "attention": attention, "fp8": fp8,
-                         "fast numerics": "on" if fast else "off", "batch": batch,
+                         "fast numerics": "on" if fast else "off", "remat": remat if mode == "train" else "-",
+                         "batch": batch,
                          "classes": classes,
                          "size": model_config(args.variant, args.dtype, "xla").image_size,
                          "step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"})

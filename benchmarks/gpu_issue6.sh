@@ -40,7 +40,7 @@
 #   cmu224_xla       cmu_step 224 with XLA attention (not in the default list)
 #   cmu384           cmu_step at 384 px, batch 48, anchor beside
 #   input            input_pipeline: Grain pairs/s at 384 px crops, 0, 4 and 16 workers
-#   def_train        def_step train step
+#   def_train        def_step train step, config.remat none and activation
 # Measured 2026-11-28 on an H200 (stages cmu224 def_infer): 81 s and 84 s after start-up.
 # Everything goes to $OUT (the device tool returns at most 8 files): gpu_issue6.log (all
 # output), RESULTS_issue6.md (the tables, to append to benchmarks/RESULTS.md by hand after
@@ -140,7 +140,7 @@ run_stage() {
     input) stage "input_pipeline" 100 python3 benchmarks/input_pipeline.py $INPUT --results "$RES" \
               --json "$WORK/input_pipeline.json" ;;
     def_train) stage "def_step train" 130 python3 benchmarks/def_step.py $DEF --modes train --attention $ATTENTION \
-              --results "$RES" --json "$WORK/def_train.json" ;;
+              --remat none,activation --results "$RES" --json "$WORK/def_train.json" ;;
     *) echo "!! unknown stage $1" ;;
   esac
 }

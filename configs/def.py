@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=0,
     ))
     c.clip_finetune = "qv"        # qv | full | frozen
+    # What CLIP's towers and the head's aggregation/decoder blocks recompute in the backward
+    # pass instead of keeping: none | activation (the MLP activations) | full (all but each
+    # block's input) | dots (all but the weight matmuls' outputs). Memory for time; same results.
+    c.remat = "none"
     c.clip_lr_multiplier = 0.01
     c.loss = ml_collections.ConfigDict(dict(kind="bce", release_ignore=False))
     c.optimizer = ml_collections.ConfigDict(dict(

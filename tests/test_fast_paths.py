@@ -11,9 +11,13 @@
   gradients, and cut the CMU step's compiled activation memory; under "activation" the
   MLP keeps two (rows, hidden) arrays for its backward pass, not 4-6, and gives the plain
   MLP's values and gradients bit for bit.
+- The DEF model's and train step's remat (CLIP towers, head blocks) changes no value.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import importlib
 
 import jax
 import jax.ad_checkpoint
@@ -23,8 +27,10 @@ import pytest
 from flax import nnx
 
 from configs import cmu as cmu_configs
-from mmovseg_jax.models import dino, dinov3, layers
-from mmovseg_jax.train import cmu, sharding
+from mmovseg_jax.models import dino, dinov3, layers, mmovseg
+from mmovseg_jax.train import cmu, def_stage, loop, optim, sharding
+
+def_configs = importlib.import_module("configs.def")  # "def" is a keyword
 
 
 @pytest.mark.parametrize("dtype,bias,shape", [(jnp.float32, True, (2, 48, 80, 3)), (jnp.bfloat16, False, (1, 32, 32, 3))])
@@ -116,8 +122,7 @@ def test_cmu_step_cls_shortcut_changes_nothing():
         on_losses, on_params = _cmu_run(True)
     np.testing.assert_allclose(on_losses, off_losses, atol=1e-5, rtol=0)
     assert off_losses[0] != off_losses[1]
-    for a, b in zip(jax.tree.leaves(on_params), jax.tree.leaves(off_params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    _assert_same_training(on_params, off_params, atol=1e-5)
 
 
 def test_cmu_step_with_activation_remat_changes_nothing():
@@ -126,8 +131,25 @@ def test_cmu_step_with_activation_remat_changes_nothing():
         losses, params = _cmu_run(True, remat="activation")
     np.testing.assert_allclose(losses, plain_losses, atol=1e-6, rtol=0)
     assert plain_losses[0] != plain_losses[1]
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain_params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    _assert_same_training(params, plain_params)
+
+
+def _zero_gradient(name: str) -> bool:
+    """Parameters whose gradient is zero in exact arithmetic: an attention key bias adds
+    the same q.b to every key of a query, which softmax ignores; the DEF classifier's
+    bias, shared by every class, shifts all logits alike, which softmax cross-entropy
+    ignores. What rounding leaves of such a gradient, Adam scales to up to a learning-rate
+    step (measured: key biases 1.2e-6 apart after two CMU steps at lr 2.5e-5), so two
+    equal computations can move them differently."""
+    return name.endswith("['attn']['key']['bias'].value") or name == "['head']['classifier']['bias'].value"
+
+
+def _assert_same_training(params, plain_params, atol: float = 1e-6) -> None:
+    """Trained parameters equal within atol, those without a gradient (`_zero_gradient`) aside."""
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(plain_params)):
+        name = jax.tree_util.keystr(path)
+        if not _zero_gradient(name):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0, err_msg=name)
 
 
 def test_student_remat_refuses_bad_choices():
@@ -224,3 +246,85 @@ def test_remat_cuts_the_cmu_steps_activation_memory():
 
     none, full = temp_bytes("none"), temp_bytes("full")
     assert full < 0.8 * none, (full, none)
+
+
+def _small_def_model() -> mmovseg.Model:
+    """mmovseg's "tiny" cut to 2-block encoders at 64 px with one aggregation layer."""
+    cfg = mmovseg.VARIANTS["tiny"]
+    vision = dataclasses.replace(cfg.clip.vision, depth=2, image_size=64)
+    clip_cfg = dataclasses.replace(cfg.clip, vision=vision, text=dataclasses.replace(cfg.clip.text, depth=1))
+    cfg = dataclasses.replace(cfg, clip=clip_cfg, dino=dataclasses.replace(cfg.dino, depth=2, image_size=64),
+                              head=dataclasses.replace(cfg.head, num_layers=1), image_size=64,
+                              clip_guidance_blocks=(0, 1), dino_blocks=(0, 1, 1))
+    return mmovseg.Model(cfg, rngs=nnx.Rngs(0))
+
+
+def test_def_model_remat_keeps_values_and_gradients():
+    """Model(rgb, sar, tokens, remat): CLIP's towers and the head's aggregation and decoder
+    blocks rematerialised give the same logits and parameter gradients."""
+    model = _small_def_model()
+    rng = np.random.default_rng(0)
+    rgb, sar = (jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32) for _ in range(2))
+    tokens = jnp.asarray(rng.integers(1, 1000, (3, 1, 8)), jnp.int32).at[:, :, -1].set(49407)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit(static_argnums=1)
+    def loss(p, remat):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, p)(rgb, sar, tokens, remat)))
+
+    with jax.default_matmul_precision("highest"):
+        ref_loss, ref = jax.value_and_grad(loss)(params, "none")
+        for policy in ("activation", "full", "dots"):
+            value, grads = jax.value_and_grad(loss)(params, policy)
+            np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
+            for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref)):
+                r = np.asarray(r)
+                np.testing.assert_allclose(np.asarray(g), r, atol=1e-6 * max(1.0, float(np.abs(r).max())),
+                                           rtol=1e-5, err_msg=f"{policy}: {jax.tree_util.keystr(path)}")
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(ref["head"]))
+    assert float(jnp.abs(ref["clip"]["text"]["blocks"][0]["attn"]["query"]["kernel"]).max()) > 0
+
+
+def _def_run(remat: str, steps: int = 2):
+    """Two DEF train steps (CLIP q/v trainable, the rest of CLIP and both DINOs frozen)
+    of the small model on random tiles; -> (losses, trained parameters)."""
+    c = def_configs.get_config()
+    c.clip_finetune, c.remat, c.global_batch_size = "qv", remat, 2
+    model = _small_def_model()
+    mesh = sharding.make_mesh(1, 1)
+    graphdef, trainable, frozen = nnx.split(model, def_stage.is_trainable(c.clip_finetune), ...)
+    tx, lr = optim.make(c.optimizer, c.total_steps, def_stage.param_groups(c.clip_lr_multiplier))
+    state = loop.initial_state(trainable, tx.init(trainable))
+    state_shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
+    state = jax.device_put(state, state_shardings)
+    step = def_stage.make_train_step(graphdef, tx, lr, c, mesh, state_shardings)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, 1000, (3, 1, 8)), jnp.int32).at[:, :, -1].set(49407)
+    losses = []
+    for _ in range(steps):
+        batch = {"rgb": rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8),
+                 "sar": rng.integers(0, 256, (2, 64, 64), dtype=np.uint8),
+                 "label": rng.integers(0, 3, (2, 64, 64), dtype=np.uint8)}
+        state, metrics = step(state, frozen, sharding.to_global(batch, mesh), tokens)
+        losses.append(float(metrics["loss"]))
+    return losses, state["params"]
+
+
+def test_def_step_with_full_remat_changes_nothing():
+    """config.remat = "full" in the DEF train step: the same losses and updated weights.
+    The blocks hold frozen parameters beside the trained q/v kernels, which nnx.remat
+    must be able to merge back (def_stage merges the step's model with copy=True)."""
+    with jax.default_matmul_precision("highest"):
+        plain_losses, plain_params = _def_run("none")
+        losses, params = _def_run("full")
+    np.testing.assert_allclose(losses, plain_losses, atol=1e-6, rtol=0)
+    assert plain_losses[0] != plain_losses[1]
+    _assert_same_training(params, plain_params)  # the classifier bias aside (3e-6 apart, measured)
+
+
+def test_def_train_remat_refuses_an_unknown_policy():
+    c = def_configs.get_config()
+    assert def_stage.train_remat(c) == "none"
+    c.remat = "everything"
+    with pytest.raises(ValueError, match=r"config.remat: 'everything' is not one of none, activation, full, dots"):
+        def_stage.train_remat(c)

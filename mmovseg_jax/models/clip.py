@@ -119,9 +119,14 @@ class VisionTower(nnx.Module):
         self.projection = nnx.Linear(cfg.width, embed_dim, use_bias=False, dtype=dtype,
                                      param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, images: jax.Array, block_indices: Sequence[int] = (), dense: bool = False) -> VisionOutput:
-        """images: (B, H, W, 3) CLIP-normalised pixels, H and W divisible by the patch size."""
+    def __call__(self, images: jax.Array, block_indices: Sequence[int] = (), dense: bool = False,
+                 remat: str = "none") -> VisionOutput:
+        """images: (B, H, W, 3) CLIP-normalised pixels, H and W divisible by the patch size.
+        `remat` ("none" | "activation" | "full" | "dots", layers.rematted): what the blocks
+        recompute instead of keeping when differentiated; the values do not change."""
         wanted = layers.normalize_block_indices(block_indices, self.cfg.depth)
+        run = layers.rematted(lambda blk, h: blk(h), remat)
+        run_dense = layers.rematted(lambda blk, h: blk.dense_call(h), remat)
         x, grid = self.patch_embed(images.astype(self.dtype))
         cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x.astype(jnp.float32)], axis=1)
@@ -130,7 +135,7 @@ class VisionTower(nnx.Module):
         outputs = []
         last = self.cfg.depth - 1
         for i, block in enumerate(self.blocks):
-            x = block.dense_call(x) if (dense and i == last) else block(x)
+            x = run_dense(block, x) if (dense and i == last) else run(block, x)
             if i in wanted:
                 outputs.append((i, x.astype(jnp.float32)))
         blocks = tuple(dict(outputs)[i] for i in wanted)
@@ -153,15 +158,17 @@ class TextTower(nnx.Module):
         self.projection = nnx.Linear(cfg.width, embed_dim, use_bias=False, dtype=dtype,
                                      param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, token_ids: jax.Array) -> jax.Array:
-        """token_ids: (N, L) int, L <= context_length -> (N, E) float32 text embeddings (not normalised)."""
+    def __call__(self, token_ids: jax.Array, remat: str = "none") -> jax.Array:
+        """token_ids: (N, L) int, L <= context_length -> (N, E) float32 text embeddings (not
+        normalised). `remat`: as for VisionTower."""
         n, length = token_ids.shape
         if length > self.cfg.context_length:
             raise ValueError(f"token sequence of length {length} exceeds the context length "
                              f"{self.cfg.context_length}")
         x = self.token_embed(token_ids) + self.pos_embed[:length][None]
+        run = layers.rematted(lambda blk, h: blk(h, causal=True), remat)
         for block in self.blocks:
-            x = block(x, causal=True)
+            x = run(block, x)
         x = self.final_norm(x)
         if self.cfg.pooling == "argmax":
             eos = jnp.argmax(token_ids, axis=-1)
@@ -181,11 +188,12 @@ class Model(nnx.Module):
         self.text = TextTower(config.text, config.embed_dim, dtype=dtype, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(jnp.log(1 / 0.07), jnp.float32))
 
-    def encode_image(self, images: jax.Array, block_indices: Sequence[int] = (), dense: bool = False) -> VisionOutput:
-        return self.vision(images, block_indices, dense)
+    def encode_image(self, images: jax.Array, block_indices: Sequence[int] = (), dense: bool = False,
+                     remat: str = "none") -> VisionOutput:
+        return self.vision(images, block_indices, dense, remat)
 
-    def encode_text(self, token_ids: jax.Array) -> jax.Array:
-        return self.text(token_ids)
+    def encode_text(self, token_ids: jax.Array, remat: str = "none") -> jax.Array:
+        return self.text(token_ids, remat)
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> jax.Array:
         """Image-text logits (B, N): logit_scale.exp() * cosine similarity."""

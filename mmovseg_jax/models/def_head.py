@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmovseg_jax.models import aggregation, convs
+from mmovseg_jax.models import aggregation, convs, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +131,14 @@ class Head(nnx.Module):
 
     def __call__(self, clip_features: jax.Array | None, dino_features: jax.Array | None, text: jax.Array,
                  clip_guidance: tuple[jax.Array, jax.Array] | None,
-                 dino_guidance: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+                 dino_guidance: tuple[jax.Array, jax.Array] | None, remat: str = "none") -> jax.Array:
         """Logits (B, T, 4G, 4G) float32.
 
         clip_features: (B, G, G, E) CLIP dense embeddings; dino_features: (B, G, G, E)
         fused DINO level-12 map; text: (T, P, E) class embeddings (P prompt templates);
         clip_guidance / dino_guidance: maps at (B, 2G, 2G, C1) and (B, 4G, 4G, C2).
+        `remat` (layers.rematted): what the aggregation layers and the two decoder blocks
+        recompute instead of keeping when differentiated; the values do not change.
         """
         cfg = self.cfg
         if cfg.use_clip_cost and cfg.use_dino_cost:
@@ -160,12 +162,14 @@ class Head(nnx.Module):
         clip_levels = project(self.clip_guidance_proj, clip_guidance)
         dino_levels = project(self.dino_guidance_proj, dino_guidance)
 
+        aggregate = layers.rematted(lambda layer, x_, a, g: layer(x_, a, g), remat)
         for layer in self.layers:
-            x = layer(x, appearance, text_guidance)
+            x = aggregate(layer, x, appearance, text_guidance)
 
         h, w, c = x.shape[2:]
         y = x.reshape(b * t, h, w, c)
-        y = self.decoder1(y, clip_levels[0], dino_levels[0], t)
-        y = self.decoder2(y, clip_levels[1], dino_levels[1], t)
+        decode = layers.rematted(lambda block, y_, cg, dg: block(y_, cg, dg, t), remat)
+        y = decode(self.decoder1, y, clip_levels[0], dino_levels[0])
+        y = decode(self.decoder2, y, clip_levels[1], dino_levels[1])
         logits = self.classifier(y).astype(jnp.float32)
         return logits.reshape(b, t, logits.shape[1], logits.shape[2])

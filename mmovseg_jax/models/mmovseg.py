@@ -202,10 +202,11 @@ class Model(nnx.Module):
         self.sar_levels = DinoLevels(config, dtype=dtype, rngs=rngs) if config.use_sar else None
         self.head = def_head.Head(config.head, dtype=dtype, rngs=rngs)
 
-    def encode_text(self, token_ids: jax.Array) -> jax.Array:
-        """token_ids (T, P, L) -> (T, P, E) L2-normalised class embeddings (P prompt templates)."""
+    def encode_text(self, token_ids: jax.Array, remat: str = "none") -> jax.Array:
+        """token_ids (T, P, L) -> (T, P, E) L2-normalised class embeddings (P prompt templates).
+        `remat`: the text tower's (layers.rematted)."""
         t, p, length = token_ids.shape
-        embeds = self.clip.encode_text(token_ids.reshape(t * p, length)).reshape(t, p, -1)
+        embeds = self.clip.encode_text(token_ids.reshape(t * p, length), remat).reshape(t, p, -1)
         return embeds / jnp.linalg.norm(embeds, axis=-1, keepdims=True)
 
     def dino_patch_maps(self, encoder: nnx.Module, images: jax.Array) -> list[jax.Array]:
@@ -227,26 +228,31 @@ class Model(nnx.Module):
             return rgb
         return resize.resize_bilinear(rgb.astype(jnp.float32), (size, size), align_corners=False, axes=(1, 2))
 
-    def encode_images(self, rgb: jax.Array, sar: jax.Array | None):
+    def encode_images(self, rgb: jax.Array, sar: jax.Array | None, remat: str = "none"):
         """What the head reads from the three encoders: (CLIP's VisionOutput with its dense
         tokens and guidance blocks, the RGB DINO's three patch maps, the SAR DINO's or None).
-        rgb, sar: (B, S, S, 3) CLIP-normalised at S = image_size."""
+        rgb, sar: (B, S, S, 3) CLIP-normalised at S = image_size. `remat`: CLIP's vision
+        blocks' (layers.rematted); the DINO encoders never train, so keep nothing for a
+        backward pass anyway."""
         cfg = self.config
         size = rgb.shape[1:3]
         if size != (cfg.image_size, cfg.image_size):
             raise ValueError(f"expected {cfg.image_size}x{cfg.image_size} inputs, got {size[0]}x{size[1]}")
         if self.sar_dino is not None and sar is None:
             raise ValueError("this model has a SAR branch: pass the SAR tile")
-        vision = self.clip.encode_image(self.clip_input(rgb), cfg.clip_guidance_blocks, dense=True)
+        vision = self.clip.encode_image(self.clip_input(rgb), cfg.clip_guidance_blocks, dense=True, remat=remat)
         rgb_maps = self.dino_patch_maps(self.rgb_dino, rgb)
         sar_maps = self.dino_patch_maps(self.sar_dino, sar) if self.sar_dino is not None else None
         return vision, rgb_maps, sar_maps
 
-    def logits(self, rgb: jax.Array, sar: jax.Array | None, text: jax.Array) -> jax.Array:
+    def logits(self, rgb: jax.Array, sar: jax.Array | None, text: jax.Array, remat: str = "none") -> jax.Array:
         """rgb, sar: (B, S, S, 3) CLIP-normalised at S = image_size (sar may be None
-        without the SAR branch); text: (T, P, E) from `encode_text`. -> (B, T, 4G, 4G) float32."""
+        without the SAR branch); text: (T, P, E) from `encode_text`. -> (B, T, 4G, 4G) float32.
+        `remat` ("none" | "activation" | "full" | "dots", layers.rematted): what CLIP's vision
+        blocks and the head's aggregation and decoder blocks recompute in a backward pass
+        instead of keeping (memory for time; the values do not change)."""
         g = self.config.clip_grid
-        vision, rgb_maps, sar_maps = self.encode_images(rgb, sar)
+        vision, rgb_maps, sar_maps = self.encode_images(rgb, sar, remat)
         clip_features = vision.dense[:, 1:].reshape(rgb.shape[0], g, g, -1)
         clip_guidance = tuple(up(x[:, 1:].reshape(x.shape[0], g, g, -1)).astype(jnp.float32)
                               for up, x in zip(self.clip_guidance_up, vision.blocks))
@@ -254,11 +260,13 @@ class Model(nnx.Module):
         if sar_maps is not None:
             sar_2g, sar_4g, sar_cost = self.sar_levels(sar_maps)
             level_2g, level_4g, dino_cost = level_2g + sar_2g, level_4g + sar_4g, dino_cost + sar_cost
-        return self.head(clip_features, dino_cost, text, clip_guidance, (level_2g, level_4g))
+        return self.head(clip_features, dino_cost, text, clip_guidance, (level_2g, level_4g), remat)
 
-    def __call__(self, rgb: jax.Array, sar: jax.Array | None, token_ids: jax.Array) -> jax.Array:
-        """`logits` with the text encoded from token_ids (T, P, L)."""
-        return self.logits(rgb, sar, self.encode_text(token_ids))
+    def __call__(self, rgb: jax.Array, sar: jax.Array | None, token_ids: jax.Array,
+                 remat: str = "none") -> jax.Array:
+        """`logits` with the text encoded from token_ids (T, P, L); `remat` applies to the
+        text tower too."""
+        return self.logits(rgb, sar, self.encode_text(token_ids, remat), remat)
 
 
 def class_prompts(classes: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

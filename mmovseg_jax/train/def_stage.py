@@ -10,7 +10,9 @@ attention query/value weights (or its whole transformer blocks, or nothing) at
 CLIP guidance upsamplers, the head) at the base rate. One jitted step over the (data,
 fsdp) mesh: the batch is split over devices, trainable parameters and optimiser state
 over fsdp. The text embeddings of the training classes are recomputed in every step
-(CLIP's text tower trains too). Evaluation (`config.mode = "eval"`, and at the end of
+(CLIP's text tower trains too). `config.remat` (none | activation | full | dots) makes CLIP's
+towers and the head's blocks recompute activations in the backward pass instead of keeping
+them (less memory, same values). Evaluation (`config.mode = "eval"`, and at the end of
 training) scores the test split with the test class list: WORKDIR/eval_test.json and .md.
 `config.eval.fp8` picks the precision it scores in (`eval_segmenter`): the model's own, or
 float8 with current or static scales (static: calibrated on a few tiles first).
@@ -37,7 +39,7 @@ from mmovseg_jax.data import benchmarks, clouds, pipeline, seg_augment, sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
 from mmovseg_jax.evaluation import metrics
 from mmovseg_jax.inference import Segmenter
-from mmovseg_jax.models import mmovseg, params, storage, tokenizer
+from mmovseg_jax.models import layers, mmovseg, params, storage, tokenizer
 from mmovseg_jax.ops import resize
 from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
@@ -153,10 +155,21 @@ def cloud_augment(rgb: jax.Array, key: jax.Array, prob: float, presets: tuple[st
     return jnp.where(chosen, jnp.round(cloudy * 255.0), rgb.astype(jnp.float32))
 
 
+def train_remat(config: ml_collections.ConfigDict) -> str:
+    """config.remat ("none" when absent): the policy (layers.rematted) of the parts that
+    train and keep activations for the backward pass, CLIP's two towers and the head's
+    aggregation and decoder blocks; refused with the field's name if unknown."""
+    policy = config.get("remat", "none")
+    if policy not in layers.REMAT_POLICIES:
+        raise ValueError(f"config.remat: {policy!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
+    return policy
+
+
 def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: Mesh, state_shardings):
     """Jitted (state, frozen, batch, tokens) -> (state, metrics); the state is donated."""
     gathered = jax.tree.map(lambda _: sharding.replicated(mesh), state_shardings["params"])
     use_sar = config.model.use_sar
+    remat = train_remat(config)
 
     cloud_key = jax.random.key(config.seed + 1)
 
@@ -168,8 +181,11 @@ def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: M
         labels = batch["label"]
 
         def loss_fn(trainable):
-            model = nnx.merge(graphdef, jax.lax.with_sharding_constraint(trainable, gathered), frozen)
-            logits = model(rgb, sar, tokens)
+            # copy: fresh Variables made under this trace for the frozen parameters too (the
+            # step's arguments were made under jit's); nnx.remat (config.remat) writes a
+            # block's variables back after the call and refuses ones from another trace level
+            model = nnx.merge(graphdef, jax.lax.with_sharding_constraint(trainable, gathered), frozen, copy=True)
+            logits = model(rgb, sar, tokens, remat)
             logits = resize.resize_bilinear(logits, labels.shape[1:], axes=(2, 3))
             loss = segmentation_losses.segmentation_loss(logits, labels, config.loss.kind,
                                                          release_ignore=config.loss.release_ignore)
@@ -301,6 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.mode not in MODES:
         raise ValueError(f"config.mode: {config.mode!r} is not one of {MODES}")
     check_eval_config(config.eval)
+    train_remat(config)
     setting = benchmarks.SETTINGS[config.setting]
     model, tok_folder = build_model(config.model)
     test_source = _source(config, setting, "test")
