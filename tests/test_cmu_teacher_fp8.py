@@ -94,6 +94,7 @@ def test_static_teacher_two_processes_equal_one_and_resume(tmp_path):
     assert len(ranges[0]) == 12 and ranges[0] == ranges[1] == ranges[2]
     # The two layouts' step-2 states differ by float32 summation order (losses 2e-7 apart);
     # in bf16 with Adam's first steps that gap grows fast and by machine-dependent amounts
-    # (measured on a 2-core EPYC: 2.4e-6 at step 3, 4.8e-4 at step 4, teacher in float8 or
-    # not), so step 3 is compared, at a bound 40x the gap seen.
-    np.testing.assert_allclose([m["loss"] for m in _metrics(workdir)], losses, atol=1e-4, rtol=0)
+    # (measured at step 3: 2.4e-6 on a 2-core EPYC, 1.8e-4 on a 2-core Xeon at 2.6 GHz;
+    # 4.8e-4 at step 4 on the EPYC, teacher in float8 or not), so step 3 is compared, at
+    # 1e-3: 5x the larger gap, and 0.13% of the 0.77 the loss falls by in that step.
+    np.testing.assert_allclose([m["loss"] for m in _metrics(workdir)], losses, atol=1e-3, rtol=0)
