@@ -28,7 +28,7 @@ from flax import nnx
 
 from configs import cmu as cmu_configs
 from mmovseg_jax.models import dino, dinov3, layers, mmovseg
-from mmovseg_jax.train import cmu, def_stage, loop, optim, sharding
+from mmovseg_jax.train import cmu, def_stage, loop, sharding
 
 def_configs = importlib.import_module("configs.def")  # "def" is a keyword
 
@@ -292,11 +292,7 @@ def _def_run(remat: str, steps: int = 2):
     c.clip_finetune, c.remat, c.global_batch_size = "qv", remat, 2
     model = _small_def_model()
     mesh = sharding.make_mesh(1, 1)
-    graphdef, trainable, frozen = nnx.split(model, def_stage.is_trainable(c.clip_finetune), ...)
-    tx, lr = optim.make(c.optimizer, c.total_steps, def_stage.param_groups(c.clip_lr_multiplier))
-    state = loop.initial_state(trainable, tx.init(trainable))
-    state_shardings = sharding.state_shardings(state, mesh, c.mesh.rules)
-    state = jax.device_put(state, state_shardings)
+    graphdef, tx, lr, state, state_shardings, frozen = def_stage.place(model, c, mesh)
     step = def_stage.make_train_step(graphdef, tx, lr, c, mesh, state_shardings)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(1, 1000, (3, 1, 8)), jnp.int32).at[:, :, -1].set(49407)
@@ -324,7 +320,7 @@ def test_def_step_with_full_remat_changes_nothing():
 
 def test_def_train_remat_refuses_an_unknown_policy():
     c = def_configs.get_config()
-    assert def_stage.train_remat(c) == "none"
+    assert loop.remat_policy(c) == "none"
     c.remat = "everything"
     with pytest.raises(ValueError, match=r"config.remat: 'everything' is not one of none, activation, full, dots"):
-        def_stage.train_remat(c)
+        loop.remat_policy(c)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from mmovseg_jax import losses
 from mmovseg_jax.data import sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
-from mmovseg_jax.models import dino, dinov3, fp8_inference, layers, params, storage
+from mmovseg_jax.models import dino, dinov3, fp8_inference, params, storage
 from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
 from mmovseg_jax.train.reporting import Reporter
@@ -132,9 +132,7 @@ def student_remat(config: ml_collections.ConfigDict) -> str:
     GEMMs (config.model.fp8) and the tanh GELU is refused too: XLA's GPU compiler (jax
     0.10.2, H200 target) folds the recomputed GELU into a float8 GEMM with an auxiliary
     output those GEMMs cannot emit and fails ("RET_CHECK ... !has_aux_output")."""
-    policy = config.get("remat", "none")
-    if policy not in layers.REMAT_POLICIES:
-        raise ValueError(f"config.remat: {policy!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
+    policy = loop.remat_policy(config)
     kernels = storage.kernel_choices(config.model)
     if policy == "activation" and kernels["fp8"] and kernels["gelu"] == "tanh":
         raise ValueError("config.remat = 'activation' with config.model.fp8 = True and config.model.gelu = 'tanh' "

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ from mmovseg_jax.data import benchmarks, clouds, pipeline, seg_augment, sources
 from mmovseg_jax.data.preprocess import normalize, sar_as_rgb
 from mmovseg_jax.evaluation import metrics
 from mmovseg_jax.inference import Segmenter
-from mmovseg_jax.models import layers, mmovseg, params, storage, tokenizer
+from mmovseg_jax.models import mmovseg, params, storage, tokenizer
 from mmovseg_jax.ops import resize
 from mmovseg_jax.train import loop, optim, sharding
 from mmovseg_jax.train.checkpointing import Checkpointer
@@ -134,6 +135,32 @@ def param_groups(multiplier: float):
     return labels, {"base": 1.0, "clip": multiplier}
 
 
+class Setup(NamedTuple):
+    """What `place` returns: the graph definition, the optimiser and its schedule, the train
+    state on the mesh with its shardings, and the frozen parameters on the mesh."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    lr: optax.Schedule
+    state: dict
+    state_shardings: Any
+    frozen: Any
+
+
+def place(model: mmovseg.Model, config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+    """Splits `model` into the parameters DEF trains (`is_trainable(config.clip_finetune)`)
+    and the frozen rest, builds the optimiser and the train state, and puts the state and
+    the frozen parameters on `mesh` (those split over fsdp when config.mesh.shard_frozen,
+    else replicated)."""
+    graphdef, trainable, frozen = nnx.split(model, is_trainable(config.clip_finetune), ...)
+    tx, lr = optim.make(config.optimizer, config.total_steps, param_groups(config.clip_lr_multiplier))
+    state = loop.initial_state(trainable, tx.init(trainable))
+    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
+    frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, config.mesh.rules) if config.mesh.shard_frozen
+                            else sharding.replicated(mesh))
+    return Setup(graphdef, tx, lr, jax.device_put(state, state_shardings), state_shardings, frozen)
+
+
 # ----------------------------------------------------------------------------- step
 
 def prepare(batch: dict, use_sar: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -155,21 +182,11 @@ def cloud_augment(rgb: jax.Array, key: jax.Array, prob: float, presets: tuple[st
     return jnp.where(chosen, jnp.round(cloudy * 255.0), rgb.astype(jnp.float32))
 
 
-def train_remat(config: ml_collections.ConfigDict) -> str:
-    """config.remat ("none" when absent): the policy (layers.rematted) of the parts that
-    train and keep activations for the backward pass, CLIP's two towers and the head's
-    aggregation and decoder blocks; refused with the field's name if unknown."""
-    policy = config.get("remat", "none")
-    if policy not in layers.REMAT_POLICIES:
-        raise ValueError(f"config.remat: {policy!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
-    return policy
-
-
 def make_train_step(graphdef, tx, lr, config: ml_collections.ConfigDict, mesh: Mesh, state_shardings):
     """Jitted (state, frozen, batch, tokens) -> (state, metrics); the state is donated."""
     gathered = jax.tree.map(lambda _: sharding.replicated(mesh), state_shardings["params"])
     use_sar = config.model.use_sar
-    remat = train_remat(config)
+    remat = loop.remat_policy(config)  # CLIP's towers and the head's blocks (mmovseg.Model.logits)
 
     cloud_key = jax.random.key(config.seed + 1)
 
@@ -317,7 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.mode not in MODES:
         raise ValueError(f"config.mode: {config.mode!r} is not one of {MODES}")
     check_eval_config(config.eval)
-    train_remat(config)
+    loop.remat_policy(config)
     setting = benchmarks.SETTINGS[config.setting]
     model, tok_folder = build_model(config.model)
     test_source = _source(config, setting, "test")
@@ -342,17 +359,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.global_batch_size, mesh)
     loop.check_faults_config(config.faults)
-    graphdef, trainable, frozen = nnx.split(model, is_trainable(config.clip_finetune), ...)
-    tx, lr = optim.make(config.optimizer, config.total_steps, param_groups(config.clip_lr_multiplier))
-    state = loop.initial_state(trainable, tx.init(trainable))
-    state_shardings = sharding.state_shardings(state, mesh, config.mesh.rules)
-    state = jax.device_put(state, state_shardings)
-    frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, config.mesh.rules) if config.mesh.shard_frozen
-                            else sharding.replicated(mesh))
+    graphdef, tx, lr, state, state_shardings, frozen = place(model, config, mesh)
     tokens = jax.device_put(mmovseg.tokenize_classes(tok, setting.train_classes, model.config.templates),
                             sharding.replicated(mesh))
     if jax.process_index() == 0:
-        n_train = sum(x.size for x in jax.tree.leaves(trainable))
+        n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
         n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
         print(f"DEF {setting.name}: {len(train_source)} training tiles, classes {setting.train_classes} -> "
               f"{setting.test_classes}; {'RGB+SAR' if model.config.use_sar else 'RGB only'}; trainable "

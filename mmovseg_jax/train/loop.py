@@ -32,6 +32,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmovseg_jax.models import layers
+
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -50,6 +52,15 @@ def check_faults_config(faults: ml_collections.ConfigDict) -> None:
     """Refuses an unknown `config.faults.on_nonfinite`."""
     if faults.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"config.faults.on_nonfinite: {faults.on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+
+
+def remat_policy(config: ml_collections.ConfigDict) -> str:
+    """config.remat ("none" when absent), the layers.rematted policy of a stage's trained
+    blocks, refused with the field's name if not one of layers.REMAT_POLICIES."""
+    policy = config.get("remat", "none")
+    if policy not in layers.REMAT_POLICIES:
+        raise ValueError(f"config.remat: {policy!r} is not one of {', '.join(layers.REMAT_POLICIES)}")
+    return policy
 
 
 def inject_nan(loss: jax.Array, step: jax.Array, faults: ml_collections.ConfigDict) -> jax.Array:
