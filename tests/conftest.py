@@ -1,49 +1,23 @@
 """Shared helpers for the parity tests: tiny transformers models with random weights,
-NCHW -> NHWC, and a recorder that prints every measured max-abs difference; and the
-session's shared JAX compilation cache."""
+NCHW -> NHWC, and a recorder that prints every measured max-abs difference."""
 
 from __future__ import annotations
 
-import atexit
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-# One persistent XLA compilation cache for the whole session, set before JAX is imported
-# so that every `python -m mmovseg_jax.main` the tests start inherits it: many of them
-# compile the same small programs, which on CPU is most of their time. A folder the
-# caller names in JAX_COMPILATION_CACHE_DIR is used and kept; otherwise a temporary one
-# is removed at exit. No JAX_COMPILATION_CACHE_MAX_SIZE: with a limit, JAX lists and
-# reads every entry of the folder on each write to choose what to evict, which made the
-# suite slower than no cache at all.
-_OWN_CACHE = None
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    _OWN_CACHE = tempfile.mkdtemp(prefix="mmovseg-jax-test-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
-    atexit.register(shutil.rmtree, _OWN_CACHE, ignore_errors=True)
-# Cache every program, not only those that took over a second to compile.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-# Also in this process's config, in case a plugin imported JAX before this file ran.
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+# Largest absolute difference accepted between our fp32 outputs and PyTorch's.
 # The project's read-only shared folder (../shared beside the checkout, as in CI);
 # MMOVSEG_SHARED points elsewhere, e.g. on a machine that got a copy of it.
 SHARED = Path(os.environ.get("MMOVSEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 RELEASE_FIXTURE = SHARED / "fixtures" / "official_release_b16"
 
-# Largest absolute difference accepted between our fp32 outputs and PyTorch's.
 TOL = 1e-4
 
 torch.manual_seed(0)
